@@ -1,0 +1,289 @@
+"""The one config schema every tunedex entry point reads.
+
+Every field has a default that runs on a laptop. Moving to a cluster changes values
+(`milvus.uri`, `ray.address`, `prefect.api_url`), never code. A bad file fails at load
+with every problem listed at once, each naming its key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every problem with its fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MilvusConfig(Section):
+    uri: str = Field("http://127.0.0.1:19530", description="Milvus endpoint; a server is http://milvus:19530")
+    token: str = Field("", description="Milvus token (user:password) for a secured server")
+    local_server: bool = Field(True, description="`tunedex up` starts a Milvus Lite server for a loopback uri")
+    collection: str = Field("tunedex_docs", description="collection name prefix; the model id is appended")
+    consistency_level: Literal["Strong", "Session", "Bounded", "Eventually"] = "Strong"
+    index_type: Literal["HNSW", "FLAT", "IVF_FLAT", "AUTOINDEX"] = "HNSW"
+    index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 200})
+    search_params: dict[str, Any] = Field(default_factory=lambda: {"ef": 64})
+    write_batch_size: int = Field(256, ge=1, le=10_000)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_is_url(cls, v: str) -> str:
+        parsed = urlparse(v)
+        if parsed.scheme not in ("http", "https", "tcp") or not parsed.hostname or not parsed.port:
+            raise ValueError(
+                f"{v!r} is not a Milvus URL; use http://HOST:PORT, e.g. http://127.0.0.1:19530"
+            )
+        return v
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, v: str) -> str:
+        if not v or not v.replace("_", "").isalnum() or v[0].isdigit():
+            raise ValueError(f"{v!r} is not a valid collection name; use letters, digits and '_', starting with a letter")
+        return v
+
+    @property
+    def is_loopback(self) -> bool:
+        host = urlparse(self.uri).hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def port(self) -> int:
+        return int(urlparse(self.uri).port)
+
+
+class RayConfig(Section):
+    address: str = Field("127.0.0.1:6379", description="Ray GCS address, or ray://HOST:10001 for a remote cluster")
+    local_head: bool = Field(True, description="`tunedex up` starts a Ray head for a loopback address")
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    num_cpus: int | None = Field(4, ge=1, description="logical CPUs the local head advertises")
+    auth_token_path: Path | None = Field(None, description="Ray auth token file; default DATA_DIR/ray_auth_token")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[-1])
+
+
+class EmbeddingConfig(Section):
+    model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model: packaged name, hub id or local path")
+    batch_size: int = Field(64, ge=1, le=4096)
+    device: str = "cpu"
+
+
+class ChunkingConfig(Section):
+    chunk_size: int = Field(200, ge=16, description="tokens of the embedding model's tokenizer per chunk")
+    chunk_overlap: int = Field(32, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "ChunkingConfig":
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_size ({self.chunk_size})"
+            )
+        return self
+
+
+class CorpusConfig(Section):
+    path: Path | None = Field(None, description="corpus root; `tunedex index PATH` overrides it")
+    include: list[str] = Field(default_factory=lambda: ["**/*.md", "**/*.txt", "**/*.jsonl", "**/*.html"])
+    exclude: list[str] = Field(default_factory=list)
+    jsonl_id_field: str = "id"
+    jsonl_text_field: str = "text"
+    max_doc_bytes: int = Field(5_000_000, ge=1)
+
+
+class TinyModelConfig(Section):
+    architecture: Literal["gpt2", "llama"] = "gpt2"
+    n_layer: int = Field(2, ge=1, le=48)
+    n_embd: int = Field(128, ge=8)
+    n_head: int = Field(4, ge=1)
+    vocab_size: int = Field(4000, ge=300, description="size of the BPE tokenizer trained locally")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class TrainRayConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    storage_path: Path | None = Field(None, description="Ray Train storage; default DATA_DIR/ray_results")
+    run_name: str | None = None
+
+
+class FinetuneConfig(Section):
+    base_model: str = Field("tiny", description="'tiny' builds a small model from `tiny`; else a hub id or local path")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    trust_remote_code: bool = False
+    train_file: Path | None = Field(None, description="JSONL of {messages}, {prompt, completion} or {text}")
+    max_length: int = Field(256, ge=8)
+    per_device_train_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(60, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    seed: int = 0
+    deepspeed: Literal["zero0", "zero1", "zero2", "zero3"] = "zero2"
+    output_dir: Path | None = Field(None, description="where the exported model goes; default DATA_DIR/models/RUN")
+    ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    top_k: int = Field(4, ge=1, le=100)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    api_key: str | None = Field(None, description="Bearer key every non-health route requires")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class PrefectConfig(Section):
+    api_url: str | None = Field(None, description="Prefect server API; unset runs on a local ephemeral API")
+    reembed_cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class TunedexConfig(Section):
+    data_dir: Path = Field(Path(".tunedex"), description="registry, local services' data, models and logs")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    milvus: MilvusConfig = Field(default_factory=MilvusConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    prefect: PrefectConfig = Field(default_factory=PrefectConfig)
+
+    @property
+    def ray_token_path(self) -> Path:
+        return self.ray.auth_token_path or self.data_dir / "ray_auth_token"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.data_dir / "registry"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TunedexConfig:
+    """Load YAML (or defaults when `path` is None), apply `key.sub=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides or []:
+        _apply_override(raw, item)
+    try:
+        return TunedexConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [format_problem(err) for err in exc.errors()]
+        raise ConfigError(
+            f"{source} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        ) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing file, e.g. configs/local.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}; fix the syntax at the line shown") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys (e.g. `milvus: {{uri: ...}}`), not {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. finetune.max_steps=20")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value else ""
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+               "dict": "a mapping", "model": "a mapping", "list": "a list", "path": "a path"}
+
+
+def format_problem(err: dict[str, Any]) -> str:
+    """One line per pydantic error: dotted key, what is wrong, how to fix it."""
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "<root>"
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(sorted(known))}."
+        return f"{key}: unknown key; {hint} Remove or rename it."
+    if kind == "literal_error":
+        return f"{key}: {got!r} is not allowed; {err['msg'].replace('Input should be', 'use')}"
+    if kind in ("int_parsing", "int_type", "float_parsing", "float_type", "bool_parsing", "bool_type",
+                "string_type", "dict_type", "list_type", "model_type", "path_type"):
+        want = _TYPE_WORDS[kind.split("_")[0]]
+        return f"{key}: expected {want}, got {got!r}; set {want}"
+    if kind.startswith(("greater", "less")):
+        return f"{key}: {got!r} is out of range; {err['msg'].replace('Input should be', 'use a value')}"
+    if kind == "value_error":
+        return f"{key}: {err['msg'].removeprefix('Value error, ')}"
+    return f"{key}: {err['msg']} (got {got!r})"
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = TunedexConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def dump_config(cfg: TunedexConfig) -> str:
+    """The effective config as YAML, secrets masked."""
+    data = cfg.model_dump(mode="json")
+    for section, key in (("milvus", "token"), ("serve", "api_key")):
+        if data[section].get(key):
+            data[section][key] = "***"
+    return yaml.safe_dump(data, sort_keys=False)

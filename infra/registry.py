@@ -1,0 +1,116 @@
+"""The release registry: which (model, collection) pair the endpoint serves.
+
+A release is written once as `releases/<id>.json`; `current.json` names the promoted one and
+`history.json` the order of promotions (rollback = promote the previous one). Each file is
+written to a temp name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tunedex.infra.ids import content_hash
+
+
+class RegistryError(ValueError):
+    """A release that cannot be recorded or found; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Release:
+    release_id: str
+    model_path: str
+    collection: str
+    embedding_model: str
+    created_at: str
+    eval_report: dict[str, Any] = field(default_factory=dict)
+
+
+def check_model_dir(path: Path) -> None:
+    """A servable model dir holds safetensors weights, a config and a tokenizer."""
+    if not path.is_dir():
+        raise RegistryError(f"model dir {path} does not exist; run `tunedex finetune` first or pass an existing path")
+    if not any(path.glob("*.safetensors")):
+        raise RegistryError(
+            f"model dir {path} has no *.safetensors weights; export with `tunedex finetune` (pickled .bin weights are refused)"
+        )
+    for name in ("config.json", "tokenizer_config.json"):
+        if not (path / name).is_file():
+            raise RegistryError(f"model dir {path} has no {name}; it is not a complete exported model")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def new_release(model_path: Path, collection: str, embedding_model: str, eval_report: dict | None = None) -> Release:
+    now = datetime.now(timezone.utc)
+    digest = content_hash(f"{model_path.resolve()}|{collection}|{now.isoformat()}")[:6]
+    return Release(
+        release_id=f"rel-{now:%Y%m%d-%H%M%S}-{digest}",
+        model_path=str(model_path.resolve()),
+        collection=collection,
+        embedding_model=embedding_model,
+        created_at=now.isoformat(timespec="seconds"),
+        eval_report=eval_report or {},
+    )
+
+
+def save_release(root: Path, release: Release) -> None:
+    write_json_atomic(root / "releases" / f"{release.release_id}.json", asdict(release))
+
+
+def load_release(root: Path, release_id: str) -> Release:
+    path = root / "releases" / f"{release_id}.json"
+    if not path.is_file():
+        known = ", ".join(r.release_id for r in list_releases(root)) or "none yet"
+        raise RegistryError(f"no release {release_id!r} in {root}; known releases: {known}")
+    return Release(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def list_releases(root: Path) -> list[Release]:
+    files = sorted((root / "releases").glob("rel-*.json"))
+    return [Release(**json.loads(p.read_text(encoding="utf-8"))) for p in files]
+
+
+def promote(root: Path, release: Release) -> None:
+    """Make `release` the one the endpoint serves."""
+    save_release(root, release)
+    history = _history(root)
+    history.append(release.release_id)
+    write_json_atomic(root / "history.json", history)
+    write_json_atomic(root / "current.json", {"release_id": release.release_id})
+
+
+def current_release(root: Path) -> Release | None:
+    path = root / "current.json"
+    if not path.is_file():
+        return None
+    return load_release(root, json.loads(path.read_text(encoding="utf-8"))["release_id"])
+
+
+def rollback(root: Path) -> Release:
+    """Promote the release that was current before the current one."""
+    history = _history(root)
+    if len(history) < 2:
+        raise RegistryError("nothing to roll back to: fewer than two promotions are recorded")
+    previous = load_release(root, history[-2])
+    promote(root, previous)
+    return previous
+
+
+def _history(root: Path) -> list[str]:
+    path = root / "history.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []

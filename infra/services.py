@@ -1,0 +1,219 @@
+"""Local services for one machine: a Milvus Lite server and a Ray head with token auth.
+
+The indexer, the endpoint and the flows all reach Milvus through `milvus.uri`; one
+process (the Milvus Lite server) owns the data dir, so they can use the index at once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tunedex.infra.config import TunedexConfig
+
+
+class ServiceError(RuntimeError):
+    """A local service could not be started or is not healthy; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    running: bool
+    address: str
+    detail: str
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (beside the running interpreter), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def ray_env(cfg: TunedexConfig) -> dict[str, str]:
+    """Environment every process that talks to the local Ray needs: token auth on, the token file."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cfg.ray_token_path.resolve())}
+
+
+def ensure_ray_token(cfg: TunedexConfig) -> Path:
+    path = cfg.ray_token_path
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path
+
+
+def _pid_file(cfg: TunedexConfig, name: str) -> Path:
+    return cfg.run_dir / f"{name}.pid"
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    if not path.is_file():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_milvus(cfg: TunedexConfig, timeout: float = 60.0) -> ServiceStatus:
+    host, port = urlparse(cfg.milvus.uri).hostname, cfg.milvus.port
+    pid_file = _pid_file(cfg, "milvus")
+    if _read_pid(pid_file) and port_open(host, port):
+        return milvus_status(cfg)
+    if port_open(host, port):
+        raise ServiceError(
+            f"port {port} ({cfg.milvus.uri}) is taken by another process; stop it, or set milvus.uri to a free port"
+        )
+    data = (cfg.data_dir / "milvus").resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = cfg.run_dir / "milvus.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [_bin("milvus-lite"), "server", "--data-dir", str(data), "--host", host, "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    pid_file.write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"Milvus Lite server exited with code {proc.returncode}; log {log_path}:\n{_log_tail(log_path)}")
+        if port_open(host, port):
+            return milvus_status(cfg)
+        time.sleep(0.3)
+    proc.kill()
+    raise ServiceError(f"Milvus Lite server did not listen on {port} within {timeout:.0f}s; log {log_path}")
+
+
+def milvus_status(cfg: TunedexConfig) -> ServiceStatus:
+    host, port = urlparse(cfg.milvus.uri).hostname, cfg.milvus.port
+    pid = _read_pid(_pid_file(cfg, "milvus"))
+    listening = port_open(host, port)
+    if pid and listening:
+        detail = f"Milvus Lite server pid {pid}, data {cfg.data_dir / 'milvus'}"
+    elif listening:
+        detail = "listening (not started by tunedex)"
+    elif pid:
+        detail = f"pid {pid} alive but not listening; see {cfg.run_dir / 'milvus.log'}"
+    elif _pid_file(cfg, "milvus").exists():
+        detail = f"died; see {cfg.run_dir / 'milvus.log'} and run `tunedex up`"
+    else:
+        detail = "not running; run `tunedex up`"
+    return ServiceStatus("milvus", listening, cfg.milvus.uri, detail)
+
+
+def stop_milvus(cfg: TunedexConfig, timeout: float = 15.0) -> bool:
+    pid_file = _pid_file(cfg, "milvus")
+    pid = _read_pid(pid_file)
+    pid_file.unlink(missing_ok=True)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def start_ray(cfg: TunedexConfig, timeout: float = 90.0) -> ServiceStatus:
+    host, port = cfg.ray.address.rsplit(":", 1)[0], cfg.ray.port
+    if (cfg.run_dir / "ray.started").exists() and port_open(host, port):
+        return ray_status(cfg)
+    for taken in (port, cfg.ray.dashboard_port):
+        if port_open(host, taken):
+            raise ServiceError(
+                f"port {taken} is taken by another process (another Ray?); stop it (`ray stop`), "
+                "or set ray.address / ray.dashboard_port to free ports"
+            )
+    ensure_ray_token(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        _bin("ray"), "start", "--head", "--port", str(port),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(cfg.ray.dashboard_port),
+        "--disable-usage-stats",
+    ]
+    if cfg.ray.num_cpus:
+        cmd += ["--num-cpus", str(cfg.ray.num_cpus)]
+    log_path = cfg.run_dir / "ray.log"
+    with open(log_path, "ab") as log:
+        rc = subprocess.run(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **ray_env(cfg)}, timeout=timeout,
+        ).returncode
+    if rc != 0:
+        raise ServiceError(f"`ray start` failed with code {rc}; log {log_path}:\n{_log_tail(log_path)}")
+    (cfg.run_dir / "ray.started").write_text(" ".join(cmd))
+    return ray_status(cfg)
+
+
+def ray_status(cfg: TunedexConfig) -> ServiceStatus:
+    host, port = cfg.ray.address.rsplit(":", 1)[0], cfg.ray.port
+    listening = port_open(host, port)
+    dashboard = f"http://127.0.0.1:{cfg.ray.dashboard_port}"
+    if listening:
+        detail = f"dashboard {dashboard}, token auth on ({cfg.ray_token_path})"
+    elif (cfg.run_dir / "ray.started").exists():
+        detail = f"died; see {cfg.run_dir / 'ray.log'} and run `tunedex up`"
+    else:
+        detail = "not running; run `tunedex up`"
+    return ServiceStatus("ray", listening, cfg.ray.address, detail)
+
+
+def stop_ray(cfg: TunedexConfig) -> bool:
+    marker = cfg.run_dir / "ray.started"
+    if not marker.exists():
+        return False
+    subprocess.run([_bin("ray"), "stop", "--force"], capture_output=True, env={**os.environ, **ray_env(cfg)}, timeout=120)
+    marker.unlink(missing_ok=True)
+    return True
+
+
+def up(cfg: TunedexConfig) -> list[ServiceStatus]:
+    started = []
+    if cfg.milvus.local_server and cfg.milvus.is_loopback:
+        started.append(start_milvus(cfg))
+    if cfg.ray.local_head and cfg.ray.address.split(":")[0] in ("127.0.0.1", "localhost"):
+        started.append(start_ray(cfg))
+    return started
+
+
+def down(cfg: TunedexConfig) -> list[str]:
+    stopped = []
+    if stop_milvus(cfg):
+        stopped.append("milvus")
+    if stop_ray(cfg):
+        stopped.append("ray")
+    return stopped
+
+
+def status(cfg: TunedexConfig) -> list[ServiceStatus]:
+    return [milvus_status(cfg), ray_status(cfg)]

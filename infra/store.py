@@ -1,0 +1,179 @@
+"""The Milvus store: schema, writes, the ledger read, hybrid search.
+
+Everything reaches Milvus through `milvus.uri`, so the local Milvus Lite server and a
+Milvus cluster are one code path. Writes are upserts only (a server's plain insert with
+an existing key adds a second row; Lite's behaves as upsert), deduplicated by primary key
+within each batch (Milvus >= 2.6 rejects in-batch duplicates), and flushed before a batch
+counts as done (Lite's WAL reaches disk at flush).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, RRFRanker
+
+from tunedex.infra.config import MilvusConfig
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT = 65_535
+LEDGER_FIELDS = ["chunk_id", "doc_id", "doc_version", "doc_chunks"]
+
+
+class StoreUnavailable(RuntimeError):
+    """Milvus cannot be reached (transient: a retry may succeed)."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: str
+    doc_id: str
+    doc_version: str
+    score: float
+    text: str
+    metadata: dict[str, Any]
+
+
+def connect(cfg: MilvusConfig, timeout: float = 10.0) -> MilvusClient:
+    try:
+        return MilvusClient(uri=cfg.uri, token=cfg.token, timeout=timeout)
+    except Exception as exc:  # pymilvus raises MilvusException subclasses with varying names
+        raise StoreUnavailable(
+            f"cannot reach Milvus at {cfg.uri} ({exc.__class__.__name__}); "
+            "start it with `tunedex up` or fix `milvus.uri`"
+        ) from exc
+
+
+def collection_name(cfg: MilvusConfig, model_slug: str) -> str:
+    """One collection per embedding model: vectors of two models never mix."""
+    return f"{cfg.collection}__{model_slug}"
+
+
+def live_alias(cfg: MilvusConfig) -> str:
+    return f"{cfg.collection}_live"
+
+
+def ensure_collection(client: MilvusClient, cfg: MilvusConfig, name: str, dim: int) -> None:
+    if client.has_collection(name):
+        client.load_collection(name)
+        return
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("chunk_id", DataType.VARCHAR, is_primary=True, max_length=64)
+    schema.add_field("doc_id", DataType.VARCHAR, max_length=2048)
+    schema.add_field("doc_version", DataType.VARCHAR, max_length=64)
+    schema.add_field("doc_chunks", DataType.INT64)  # chunks the doc version has: tells a complete doc from a partial one
+    schema.add_field("chunk_index", DataType.INT64)
+    schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT, enable_analyzer=True)
+    schema.add_field("metadata", DataType.JSON)
+    schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+    schema.add_function(
+        Function(name="bm25", function_type=FunctionType.BM25, input_field_names=["text"], output_field_names=["sparse"])
+    )
+    index = client.prepare_index_params()
+    index.add_index("dense", index_type=cfg.index_type, metric_type="COSINE", params=cfg.index_params)
+    index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+    client.create_collection(name, schema=schema, index_params=index, consistency_level=cfg.consistency_level)
+    client.load_collection(name)
+    log.info("created collection %s (dim %d, %s)", name, dim, cfg.index_type)
+
+
+def dedupe_by_pk(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the last row of each chunk id: the same rule on every backend."""
+    return list({row["chunk_id"]: row for row in rows}.values())
+
+
+def upsert_rows(client: MilvusClient, name: str, rows: list[dict[str, Any]]) -> int:
+    rows = dedupe_by_pk(rows)
+    if rows:
+        client.upsert(name, rows)
+        client.flush(name)
+    return len(rows)
+
+
+def delete_ids(client: MilvusClient, name: str, ids: list[str], batch: int = 1000) -> int:
+    for start in range(0, len(ids), batch):
+        client.delete(name, ids=ids[start : start + batch])
+    if ids:
+        client.flush(name)
+    return len(ids)
+
+
+def iter_rows(client: MilvusClient, name: str, fields: list[str], batch: int = 2000) -> Iterator[dict[str, Any]]:
+    """Every row of the collection (Strong consistency), in pages."""
+    it = client.query_iterator(name, batch_size=batch, filter="", output_fields=fields, consistency_level="Strong")
+    try:
+        while page := it.next():
+            yield from page
+    finally:
+        it.close()
+
+
+def read_ledger(client: MilvusClient, name: str) -> dict[str, tuple[str, str, int]]:
+    """chunk_id -> (doc_id, doc_version, doc_chunks), read back from the collection itself."""
+    return {
+        r["chunk_id"]: (r["doc_id"], r["doc_version"], int(r["doc_chunks"]))
+        for r in iter_rows(client, name, LEDGER_FIELDS)
+    }
+
+
+def fetch_vectors(client: MilvusClient, name: str, ids: list[str], batch: int = 500) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for start in range(0, len(ids), batch):
+        for r in client.get(name, ids=ids[start : start + batch], output_fields=["chunk_id", "dense"]):
+            out[r["chunk_id"]] = list(r["dense"])
+    return out
+
+
+def count_rows(client: MilvusClient, name: str) -> int:
+    res = client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")
+    return int(res[0]["count(*)"])
+
+
+def point_alias(client: MilvusClient, alias: str, name: str) -> None:
+    """Move `alias` to `name` (create it if new)."""
+    if alias in client.list_aliases(name).get("aliases", []):
+        return
+    try:
+        client.describe_alias(alias)
+    except Exception:
+        client.create_alias(name, alias)
+    else:
+        client.alter_alias(name, alias)
+
+
+def resolve_alias(client: MilvusClient, alias: str) -> str | None:
+    try:
+        return client.describe_alias(alias)["collection_name"]
+    except Exception:
+        return None
+
+
+def hybrid_search(
+    client: MilvusClient,
+    cfg: MilvusConfig,
+    name: str,
+    vector: list[float],
+    query: str,
+    top_k: int,
+    filter: str = "",
+) -> list[Hit]:
+    """Dense + BM25, fused with reciprocal rank fusion."""
+    fields = ["doc_id", "doc_version", "text", "metadata"]
+    dense = AnnSearchRequest(data=[vector], anns_field="dense", param=cfg.search_params, limit=top_k, expr=filter or None)
+    sparse = AnnSearchRequest(data=[query], anns_field="sparse", param={}, limit=top_k, expr=filter or None)
+    res = client.hybrid_search(name, [dense, sparse], ranker=RRFRanker(60), limit=top_k, output_fields=fields)
+    return [
+        Hit(
+            chunk_id=h["id"] if "id" in h else h["chunk_id"],
+            doc_id=h["entity"]["doc_id"],
+            doc_version=h["entity"]["doc_version"],
+            score=float(h["distance"]),
+            text=h["entity"]["text"],
+            metadata=h["entity"].get("metadata") or {},
+        )
+        for h in res[0]
+    ]

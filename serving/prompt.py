@@ -1,0 +1,27 @@
+"""The prompt the endpoint sends to the model: the same chat format training used."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+SYSTEM_PROMPT = "You are the Tunedex Store support assistant. Answer from the context when it is given."
+
+
+def build_messages(question: str, contexts: Sequence[str]) -> list[dict[str, str]]:
+    """Chat messages; retrieved chunks go into the system turn as numbered context `[n]`."""
+    if not contexts:
+        return [{"role": "user", "content": question}]
+    context = "\n".join(f"[{i}] {text}" for i, text in enumerate(contexts, 1))
+    return [
+        {"role": "system", "content": f"{SYSTEM_PROMPT}\nContext:\n{context}"},
+        {"role": "user", "content": question},
+    ]
+
+
+def source_entries(hits: Sequence[Any]) -> list[dict[str, Any]]:
+    """`sources[n-1]` is the chunk the answer's `[n]` marker refers to."""
+    return [
+        {"index": i, "chunk_id": h.chunk_id, "doc_id": h.doc_id, "doc_version": h.doc_version,
+         "score": round(h.score, 6), "text": h.text}
+        for i, h in enumerate(hits, 1)
+    ]

@@ -1,0 +1,1 @@
+"""tunedex: keep a fine-tuned LLM and its knowledge index fresh, serve both with sources."""

@@ -1,0 +1,343 @@
+"""The `tunedex` command line: a thin Typer app over flows, workers, serving and infra."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from tunedex.infra.config import ConfigError, TunedexConfig, dump_config, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+config_app = typer.Typer(no_args_is_help=True, help="Check and show configuration.")
+flows_app = typer.Typer(no_args_is_help=True, help="Run Prefect flows.")
+app.add_typer(config_app, name="config")
+app.add_typer(flows_app, name="flows")
+
+DEFAULT_CONFIG = "configs/local.yaml"
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help=f"tunedex YAML config (default: $TUNEDEX_CONFIG, else {DEFAULT_CONFIG} if present)"),
+]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a key, e.g. --set serve.port=8001")]
+
+FLOWS = {"nightly-reembed"}
+
+
+def config_path(path: Path | None) -> Path | None:
+    if path is not None:
+        return path
+    if os.environ.get("TUNEDEX_CONFIG"):
+        return Path(os.environ["TUNEDEX_CONFIG"])
+    return Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).is_file() else None
+
+
+def setup(path: Path | None, overrides: list[str] | None = None) -> TunedexConfig:
+    """Entry-point setup: load the config, configure logging, point Ray clients at the token."""
+    from tunedex.infra.logs import setup_logging
+    from tunedex.infra.services import ray_env
+
+    cfg = load_config(config_path(path), overrides)
+    setup_logging(cfg.log_level)
+    os.environ.update(ray_env(cfg))
+    return cfg
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Known failures print one clear line and exit 1 (2 for config errors), never a traceback."""
+    from tunedex.infra.embedding import EmbeddingModelError
+    from tunedex.infra.registry import RegistryError
+    from tunedex.infra.services import ServiceError
+    from tunedex.infra.store import StoreUnavailable
+    from tunedex.workers.finetune import FinetuneError
+
+    known = (RegistryError, ServiceError, StoreUnavailable, EmbeddingModelError, FinetuneError, FileNotFoundError)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except known as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@config_app.command("check")
+@friendly_errors
+def config_check(file: Path) -> None:
+    """Validate FILE; list every problem with its fix."""
+    load_config(file)
+    typer.echo(f"{file}: ok")
+
+
+@config_app.command("show")
+@friendly_errors
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the effective config, defaults filled in (secrets masked)."""
+    typer.echo(dump_config(load_config(config_path(config), set_)), nl=False)
+
+
+@app.command()
+@friendly_errors
+def up(config: ConfigOpt = None) -> None:
+    """Start the local services: a Milvus Lite server and a Ray head (token auth on)."""
+    from tunedex.infra import services
+
+    cfg = setup(config)
+    for st in services.up(cfg):
+        typer.echo(f"{st.name:7} up   {st.address}  {st.detail}")
+
+
+@app.command()
+@friendly_errors
+def down(config: ConfigOpt = None) -> None:
+    """Stop the local services that `tunedex up` started."""
+    from tunedex.infra import services
+
+    cfg = setup(config)
+    stopped = services.down(cfg)
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
+
+
+@app.command()
+@friendly_errors
+def status(config: ConfigOpt = None) -> None:
+    """Show the local services, the promoted release and the endpoint."""
+    import httpx
+
+    from tunedex.infra import services
+    from tunedex.infra.registry import current_release
+
+    cfg = setup(config)
+    all_up = True
+    for st in services.status(cfg):
+        all_up &= st.running
+        typer.echo(f"{st.name:7} {'up' if st.running else 'DOWN':4} {st.address}  {st.detail}")
+    release = current_release(cfg.registry_dir)
+    typer.echo(f"release {release.release_id} model {release.model_path} collection {release.collection}"
+               if release else "release none (run `tunedex promote`)")
+    try:
+        ready = httpx.get(f"{cfg.serve.url}/readyz", timeout=2).json()
+        typer.echo(f"serve   up   {cfg.serve.url}  serving {ready.get('release_id')}")
+    except (httpx.HTTPError, ValueError):
+        typer.echo(f"serve   DOWN {cfg.serve.url}  (run `tunedex serve`)")
+    if not all_up:
+        raise typer.Exit(1)
+
+
+@app.command("demo-data")
+@friendly_errors
+def demo_data(out: Path, products: int = typer.Option(30, min=3, help="products in the day-1 catalog")) -> None:
+    """Write the synthetic knowledge base (day 1, day 2), training examples and a QA set to OUT."""
+    from tunedex.demo_data import write_demo_data
+
+    paths = write_demo_data(out, n_products=products)
+    for name, path in paths.items():
+        typer.echo(f"{name:5} {path}")
+
+
+@app.command()
+@friendly_errors
+def index(
+    corpus: Annotated[Optional[Path], typer.Argument(help="corpus root (default: corpus.path)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan; embed and write nothing"),
+    as_json: bool = typer.Option(False, "--json", help="print the full report as JSON"),
+    strict: bool = typer.Option(False, "--strict", help="exit 1 when any document was skipped"),
+) -> None:
+    """Index CORPUS into Milvus: embed new and changed chunks, delete removed ones."""
+    from tunedex.workers.embed import index_corpus
+
+    cfg = setup(config, set_)
+    root = corpus or cfg.corpus.path
+    if root is None:
+        raise ConfigError("no corpus: pass `tunedex index PATH` or set corpus.path in the config")
+    report = index_corpus(cfg, root, dry_run=dry_run)
+    for s in report.skipped:
+        typer.echo(f"skipped {s['doc_id']}: {s['reason']}", err=True)
+    typer.echo(report.to_json() if as_json else report.summary)
+    if strict and report.docs_failed:
+        raise typer.Exit(1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@friendly_errors
+def finetune(
+    args: Annotated[Optional[list[str]], typer.Argument(help="[CONFIG.yaml] [key=value ...], e.g. finetune.max_steps=20")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Fine-tune the model with DeepSpeed on Ray Train; export safetensors + tokenizer."""
+    args = list(args or [])
+    if args and args[0].endswith((".yaml", ".yml")):
+        config = Path(args.pop(0))
+    cfg = setup(config, args)  # before importing ray: it reads the auth settings once
+    import ray
+
+    from tunedex.workers.finetune import main
+
+    ray.init(address=cfg.ray.address, logging_level="WARNING", log_to_driver=True)
+    typer.echo(main(cfg).summary)
+
+
+@app.command()
+@friendly_errors
+def promote(
+    release_id: Annotated[Optional[str], typer.Argument(help="an existing release to serve again")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="exported model dir (default: newest under DATA_DIR/models)")] = None,
+    collection: Annotated[Optional[str], typer.Option(help="collection (default: the live alias's target)")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Record a release = (model, collection) and make it the one the endpoint serves."""
+    from tunedex.infra import registry, store
+
+    cfg = setup(config)
+    if release_id:
+        release = registry.load_release(cfg.registry_dir, release_id)
+    else:
+        model = model or newest_model(cfg)
+        registry.check_model_dir(model)
+        if collection is None:
+            client = store.connect(cfg.milvus)
+            collection = store.resolve_alias(client, store.live_alias(cfg.milvus))
+            if collection is None:
+                raise registry.RegistryError("no indexed collection yet; run `tunedex index CORPUS` or pass --collection")
+        release = registry.new_release(model, collection, cfg.embedding.model)
+    registry.promote(cfg.registry_dir, release)
+    typer.echo(f"promoted {release.release_id}: model {release.model_path}, collection {release.collection}")
+
+
+def newest_model(cfg: TunedexConfig) -> Path:
+    from tunedex.infra.registry import RegistryError
+
+    models = sorted((cfg.data_dir / "models").glob("*/model.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not models:
+        raise RegistryError(f"no exported model under {cfg.data_dir / 'models'}; run `tunedex finetune` or pass --model")
+    return models[-1].parent
+
+
+@app.command()
+@friendly_errors
+def rollback(config: ConfigOpt = None) -> None:
+    """Serve the previously promoted release again."""
+    from tunedex.infra.registry import rollback as do_rollback
+
+    cfg = setup(config)
+    release = do_rollback(cfg.registry_dir)
+    typer.echo(f"rolled back to {release.release_id}")
+
+
+@app.command()
+@friendly_errors
+def serve(config: ConfigOpt = None, set_: SetOpt = None, timeout: float = typer.Option(300, help="seconds to wait for ready")) -> None:
+    """Deploy the endpoint for the promoted release on the local Ray; print its URL."""
+    cfg = setup(config, set_)  # before importing ray: it reads the auth settings once
+    import httpx
+    import ray
+    from ray import serve as ray_serve
+
+    from tunedex.serving.app import ServeArgs, build_app
+
+    path = config_path(config)
+    args = ServeArgs(config=str(path.resolve()) if path else "", overrides=set_ or [])
+    if not path:
+        raise ConfigError("`tunedex serve` needs a config file (replicas load it); pass -c configs/local.yaml")
+    ray.init(address=cfg.ray.address, logging_level="WARNING")
+    ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    ray_serve.run(build_app(args), name="tunedex", route_prefix="/", blocking=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ready = httpx.get(f"{cfg.serve.url}/readyz", timeout=2)
+            if ready.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        typer.echo(f"error: the endpoint did not become ready within {timeout:.0f}s; see `serve status`", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"serving {ready.json()['release_id']} at {cfg.serve.url}")
+    typer.echo(f"try: curl -s {cfg.serve.url}/v1/query -H 'Content-Type: application/json' "
+               "-d '{\"question\": \"When is shipping free?\"}'")
+    typer.echo(f"same app via Serve's CLI: serve run tunedex.serving.app:build_app config={args.config}")
+
+
+@app.command()
+@friendly_errors
+def ask(
+    question: str,
+    config: ConfigOpt = None,
+    mode: str = typer.Option("hybrid", help="hybrid | rag | finetuned | retrieve"),
+    top_k: Optional[int] = typer.Option(None, help="chunks to retrieve"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Ask the endpoint a question; print the answer and its sources."""
+    import httpx
+
+    cfg = setup(config)
+    headers = {"Authorization": f"Bearer {cfg.serve.api_key}"} if cfg.serve.api_key else {}
+    try:
+        resp = httpx.post(f"{cfg.serve.url}/v1/query", json={"question": question, "mode": mode, "top_k": top_k},
+                          headers=headers, timeout=120)
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot reach the endpoint at {cfg.serve.url} ({exc}); run `tunedex serve`", err=True)
+        raise typer.Exit(1) from None
+    if resp.status_code != 200:
+        typer.echo(f"error: {resp.status_code} {resp.text}", err=True)
+        raise typer.Exit(1)
+    body = resp.json()
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+        return
+    typer.echo(f"Q: {question}\nA: {body['answer']}\n   ({body['release_id']}, {body['timings_ms']['total']:.0f} ms)")
+    for src in body["sources"]:
+        typer.echo(f"   [{src['index']}] {src['doc_id']} @{src['doc_version'][:8]} score {src['score']:.4f}")
+
+
+@flows_app.command("run")
+@friendly_errors
+def flows_run(
+    name: str,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    corpus: Optional[Path] = typer.Option(None, help="corpus root (default: corpus.path)"),
+) -> None:
+    """Run flow NAME once, now, on the configured Prefect API (a local ephemeral one by default)."""
+    if name not in FLOWS:
+        raise ConfigError(f"unknown flow {name!r}; known flows: {', '.join(sorted(FLOWS))}")
+    cfg = setup(config, set_)
+    prefect_env(cfg)
+    from tunedex.flows.reembed import nightly_reembed
+
+    path = config_path(config)
+    report = nightly_reembed(config=str(path) if path else None, corpus=str(corpus) if corpus else None, overrides=set_ or [])
+    typer.echo(json.dumps({k: report[k] for k in report if k != "skipped"}))
+
+
+def prefect_env(cfg: TunedexConfig) -> None:
+    """Point Prefect at the configured API, or at a local ephemeral one whose data lives in DATA_DIR."""
+    if cfg.prefect.api_url:
+        os.environ["PREFECT_API_URL"] = cfg.prefect.api_url
+    else:
+        os.environ.setdefault("PREFECT_HOME", str((cfg.data_dir / "prefect").resolve()))
+
+
+def main() -> None:  # pragma: no cover - `python -m tunedex`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

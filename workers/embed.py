@@ -1,0 +1,192 @@
+"""Index a corpus into Milvus incrementally: embed only what changed, delete what is gone.
+
+The ledger is the collection itself: every row carries its doc id, doc version and the
+number of chunks that doc version has. We chose the collection over a separate manifest
+because a manifest can drift from the store (Milvus Lite can lose an acknowledged write on
+SIGKILL); rows read back with Strong consistency cannot disagree with themselves. Each run:
+
+1. reads the corpus and the ledger;
+2. plans: a doc whose rows all carry its current version, `doc_chunks` of them, is unchanged
+   and is not even chunked; every other doc is chunked, and its chunk ids (deterministic) are
+   compared with the stored ones;
+3. writes new chunks first (embed, upsert, flush per batch), re-tags chunks whose text did not
+   change but whose doc version did (vectors reused, no model call), and only then deletes the
+   chunks no document produces any more.
+
+A kill at any point leaves rows a re-run repairs: nothing is deleted before its replacement is
+stored, and documents that could not be read keep their stored chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tunedex.infra import store
+from tunedex.infra.config import TunedexConfig
+from tunedex.infra.embedding import Embedder, load_embedder
+from tunedex.infra.ids import chunk_id, slug
+from tunedex.workers.chunking import chunk_text
+from tunedex.workers.sources import Document, load_documents
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncPlan:
+    to_embed: list[dict[str, Any]] = field(default_factory=list)  # rows without vectors
+    to_retag: list[dict[str, Any]] = field(default_factory=list)  # rows whose vector is already stored
+    to_delete: list[str] = field(default_factory=list)
+    docs_added: int = 0
+    docs_changed: int = 0
+    docs_unchanged: int = 0
+    docs_removed: int = 0
+
+
+@dataclass
+class IndexReport:
+    collection: str
+    docs_added: int
+    docs_changed: int
+    docs_removed: int
+    docs_unchanged: int
+    docs_failed: int
+    chunks_embedded: int
+    chunks_retagged: int
+    chunks_deleted: int
+    chunks_total: int
+    seconds: float
+    skipped: list[dict[str, str]]
+    dry_run: bool = False
+
+    @property
+    def summary(self) -> str:
+        rate = self.chunks_embedded / self.seconds if self.seconds else 0.0
+        return (
+            f"indexed {self.collection}: docs +{self.docs_added} ~{self.docs_changed} -{self.docs_removed} "
+            f"={self.docs_unchanged} failed {self.docs_failed} | chunks embedded {self.chunks_embedded} "
+            f"retagged {self.chunks_retagged} deleted {self.chunks_deleted} total {self.chunks_total} | "
+            f"{self.seconds:.1f}s ({rate:.1f} chunks/s)" + (" [dry run]" if self.dry_run else "")
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def chunk_rows(doc: Document, chunks: list[str], model_id: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "chunk_id": chunk_id(doc.doc_id, i, text, model_id),
+            "doc_id": doc.doc_id,
+            "doc_version": doc.version,
+            "doc_chunks": len(chunks),
+            "chunk_index": i,
+            "text": text[: store.MAX_TEXT],
+            "metadata": doc.metadata,
+        }
+        for i, text in enumerate(chunks)
+    ]
+
+
+def plan_sync(
+    docs: list[Document],
+    ledger: dict[str, tuple[str, str, int]],
+    keep_doc_ids: set[str],
+    chunker: Callable[[str], list[str]],
+    model_id: str,
+) -> SyncPlan:
+    """Compare the corpus with the stored rows. Pure: no model, no store."""
+    stored_by_doc: dict[str, dict[str, tuple[str, int]]] = defaultdict(dict)
+    for cid, (doc_id, version, n) in ledger.items():
+        stored_by_doc[doc_id][cid] = (version, n)
+    plan = SyncPlan()
+    for doc in docs:
+        stored = stored_by_doc.get(doc.doc_id, {})
+        versions = {v for v, _ in stored.values()}
+        counts = {n for _, n in stored.values()}
+        if versions == {doc.version} and counts == {len(stored)}:
+            plan.docs_unchanged += 1
+            continue
+        if stored:
+            plan.docs_changed += 1
+        else:
+            plan.docs_added += 1
+        rows = chunk_rows(doc, chunker(doc.text), model_id)
+        expected = {r["chunk_id"] for r in rows}
+        for row in rows:
+            have = stored.get(row["chunk_id"])
+            if have is None:
+                plan.to_embed.append(row)
+            elif have != (doc.version, row["doc_chunks"]):
+                plan.to_retag.append(row)
+        plan.to_delete.extend(cid for cid in stored if cid not in expected)
+    current = {d.doc_id for d in docs} | keep_doc_ids
+    for doc_id, stored in stored_by_doc.items():
+        if doc_id not in current:
+            plan.docs_removed += 1
+            plan.to_delete.extend(stored)
+    return plan
+
+
+def write_plan(client: Any, name: str, plan: SyncPlan, embedder: Embedder, batch_size: int) -> None:
+    """New rows first, then re-tags, then deletes: a kill anywhere leaves only repairable state."""
+    started, done = time.monotonic(), 0
+    for start in range(0, len(plan.to_embed), batch_size):
+        batch = plan.to_embed[start : start + batch_size]
+        vectors = embedder.embed([r["text"] for r in batch])
+        store.upsert_rows(client, name, [{**r, "dense": v} for r, v in zip(batch, vectors)])
+        done += len(batch)
+        elapsed = time.monotonic() - started
+        rate = done / elapsed if elapsed else 0.0
+        eta = (len(plan.to_embed) - done) / rate if rate else 0.0
+        log.info("embedded %d/%d chunks  %.1f chunks/s  elapsed %.0fs  eta %.0fs",
+                 done, len(plan.to_embed), rate, elapsed, eta)
+    for start in range(0, len(plan.to_retag), batch_size):
+        batch = plan.to_retag[start : start + batch_size]
+        vectors = store.fetch_vectors(client, name, [r["chunk_id"] for r in batch])
+        store.upsert_rows(client, name, [{**r, "dense": vectors[r["chunk_id"]]} for r in batch if r["chunk_id"] in vectors])
+    store.delete_ids(client, name, sorted(set(plan.to_delete)))
+
+
+def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False) -> IndexReport:
+    started = time.monotonic()
+    docs, skipped = load_documents(root, cfg.corpus)
+    embedder = load_embedder(cfg.embedding)
+    size = min(cfg.chunking.chunk_size, embedder.max_tokens)
+    overlap = min(cfg.chunking.chunk_overlap, size - 1)
+    client = store.connect(cfg.milvus)
+    name = store.collection_name(cfg.milvus, slug(embedder.model_id))
+    store.ensure_collection(client, cfg.milvus, name, embedder.dim)
+    ledger = store.read_ledger(client, name)
+    loaded = {d.doc_id for d in docs}
+    failed = {s.doc_id for s in skipped if s.doc_id not in loaded}
+    # A file that could not be read (wholly, or one JSONL line) keeps every document it had stored.
+    failed_files = {s.source for s in skipped if s.doc_id not in loaded}
+    keep = {doc_id for doc_id, *_ in ledger.values() if doc_id.split("#")[0] in failed_files}
+    plan = plan_sync(docs, ledger, keep, lambda t: chunk_text(t, embedder.tokenizer, size, overlap), embedder.model_id)
+    if not dry_run:
+        write_plan(client, name, plan, embedder, cfg.milvus.write_batch_size)
+        store.point_alias(client, store.live_alias(cfg.milvus), name)
+    report = IndexReport(
+        collection=name,
+        docs_added=plan.docs_added,
+        docs_changed=plan.docs_changed,
+        docs_removed=plan.docs_removed,
+        docs_unchanged=plan.docs_unchanged,
+        docs_failed=len(failed),
+        chunks_embedded=0 if dry_run else len(plan.to_embed),
+        chunks_retagged=0 if dry_run else len(plan.to_retag),
+        chunks_deleted=0 if dry_run else len(set(plan.to_delete)),
+        chunks_total=len(ledger) if dry_run else store.count_rows(client, name),
+        seconds=round(time.monotonic() - started, 3),
+        skipped=[asdict(s) for s in skipped],
+        dry_run=dry_run,
+    )
+    client.close()
+    return report
+
