@@ -9,5 +9,6 @@ def setup_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "pymilvus"):
+    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pymilvus").setLevel(logging.ERROR)  # its query iterator warns on every Lite read

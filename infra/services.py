@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+
+import psutil
 
 from tunedex.infra.config import TunedexConfig
 
@@ -65,12 +66,13 @@ def _pid_file(cfg: TunedexConfig, name: str) -> Path:
 
 
 def _read_pid(path: Path) -> int | None:
+    """The pid in `path` if that process is alive (a zombie counts as dead)."""
     try:
         pid = int(path.read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (FileNotFoundError, ValueError, psutil.Error):
         return None
+    return pid if alive else None
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -132,15 +134,12 @@ def stop_milvus(cfg: TunedexConfig, timeout: float = 15.0) -> bool:
     pid_file.unlink(missing_ok=True)
     if pid is None:
         return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
+    proc = psutil.Process(pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        proc.kill()
     return True
 
 

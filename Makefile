@@ -1,0 +1,46 @@
+# tunedex: `make demo` runs the whole pipeline on this machine; `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/local.yaml
+DEMO   := demo-data
+
+.PHONY: install demo test down clean
+
+install: $(STAMP)
+
+# torch first, pinned: the CPU wheel on this disk; an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/tunedex up -c $(CONFIG)
+	$(BIN)/tunedex demo-data $(DEMO)
+	$(BIN)/tunedex index $(DEMO)/day1/corpus -c $(CONFIG)
+	$(BIN)/tunedex finetune $(CONFIG)
+	$(BIN)/tunedex promote -c $(CONFIG)
+	$(BIN)/tunedex serve -c $(CONFIG)
+	$(BIN)/tunedex ask "How much does the Aurora Headphones 100 cost?" -c $(CONFIG)
+	$(BIN)/tunedex ask "How many days do I have to return an item?" -c $(CONFIG)
+	$(BIN)/tunedex ask "When is shipping free?" -c $(CONFIG)
+	@echo
+	@echo "The endpoint is up at http://127.0.0.1:8000 (POST /v1/query). Try:"
+	@echo "  curl -s http://127.0.0.1:8000/v1/query -H 'Content-Type: application/json' -d '{\"question\": \"When is shipping free?\"}'"
+	@echo "  $(BIN)/tunedex ask \"What warranty does the Basalt Keyboard 101 have?\""
+	@echo "Day 2: $(BIN)/tunedex flows run nightly-reembed --corpus $(DEMO)/day2/corpus   Stop: make down"
+
+# pytest exits 5 when it collected no tests: that is reported apart from failures, and fails too.
+test: install
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 1; fi; exit $$rc
+
+down:
+	$(BIN)/tunedex down -c $(CONFIG)
+
+clean: down
+	rm -rf .tunedex $(DEMO)

@@ -1,0 +1,75 @@
+"""Config: every problem listed at once with its key and fix; shipped configs load."""
+
+from pathlib import Path
+
+import pytest
+
+from tunedex.infra.config import ConfigError, dump_config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_config_loads_and_names_its_command():
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+        assert path.read_text().startswith("# tunedex "), f"{path} must start with the command that runs it"
+
+
+def test_all_errors_listed_at_once_with_keys_and_fixes(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "milvus:\n  urii: http://x:1\n  index_type: FOO\nserve:\n  port: abc\n"
+        "chunking: {chunk_size: 100, chunk_overlap: 200}\nbogus: 1\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(bad)
+    msg = str(exc.value)
+    assert "has 5 problems" in msg
+    assert "milvus.urii: unknown key; did you mean 'uri'?" in msg
+    assert "milvus.index_type: 'FOO' is not allowed; use 'HNSW'" in msg
+    assert "serve.port: expected an integer, got 'abc'" in msg
+    assert "chunking: chunk_overlap (200) must be smaller than chunk_size (100)" in msg
+    assert "bogus: unknown key" in msg
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("milvus: [1, 2\n", "is not valid YAML"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("milvus:\n  uri: localhost\n", "is not a Milvus URL; use http://HOST:PORT"),
+        ("finetune:\n  tiny: {n_embd: 10, n_head: 3}\n", "must be divisible by n_head"),
+        ("milvus:\n  collection: 9bad-name\n", "is not a valid collection name"),
+    ],
+)
+def test_bad_files_get_clear_errors(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=None) as exc:
+        load_config(path)
+    assert needle in str(exc.value)
+
+
+def test_non_utf8_and_missing_files(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"milvus:\n  uri: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_and_empty_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    cfg = load_config(path, ["finetune.max_steps=7", "serve.api_key=s3cret", "milvus.index_params={M: 8}"])
+    assert cfg.finetune.max_steps == 7
+    assert cfg.milvus.index_params == {"M": 8}
+    shown = dump_config(cfg)
+    assert "s3cret" not in shown and "api_key: '***'" in shown
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["finetune.max_steps"])
+    with pytest.raises(ConfigError, match="finetune.max_stepz: unknown key; did you mean 'max_steps'"):
+        load_config(None, ["finetune.max_stepz=3"])

@@ -1,0 +1,121 @@
+"""Indexing pieces without services: ids, chunking, sources, the sync plan."""
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from tunedex.infra.config import CorpusConfig
+from tunedex.infra.embedding import resolve_model_path
+from tunedex.infra.ids import chunk_id, content_hash, slug
+from tunedex.workers.chunking import chunk_text
+from tunedex.workers.embed import chunk_rows, plan_sync
+from tunedex.workers.sources import Document, load_documents
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+
+
+def test_chunk_ids_are_deterministic_and_model_specific():
+    a = chunk_id("d.md", 0, "hello", "all-MiniLM-L6-v2")
+    assert a == chunk_id("d.md", 0, "hello", "all-MiniLM-L6-v2")
+    assert a != chunk_id("d.md", 0, "hello", "other-model")
+    assert a != chunk_id("d.md", 1, "hello", "all-MiniLM-L6-v2")
+    assert len(a) == 32
+    assert slug("sentence-transformers/all-MiniLM-L6-v2") == "all_minilm_l6_v2"
+
+
+def test_chunks_respect_size_and_overlap(tokenizer):
+    text = " ".join(f"word{i}" for i in range(400))
+    chunks = chunk_text(text, tokenizer, size=50, overlap=10)
+    sizes = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chunks]
+    assert len(chunks) > 5 and max(sizes) <= 50
+    assert chunks[0].split()[-1] in chunks[1]  # neighbours share the overlap
+    assert chunks[-1].endswith("word399")
+    assert chunk_text("   ", tokenizer, 50, 10) == []
+
+
+def _doc(doc_id, text):
+    return Document(doc_id, content_hash(text), text)
+
+
+def _ledger(rows):
+    return {r["chunk_id"]: (r["doc_id"], r["doc_version"], r["doc_chunks"]) for r in rows}
+
+
+def splitter(text):
+    return [p for p in text.split("|") if p]
+
+
+def test_plan_skips_unchanged_embeds_only_changed_chunks_and_deletes_removed():
+    a, b, c = _doc("a", "a1|a2|a3"), _doc("b", "b1"), _doc("c", "c1|c2")
+    ledger = _ledger(sum((chunk_rows(d, splitter(d.text), "m") for d in (a, b, c)), []))
+    a2 = _doc("a", "a1|a2-new|a3")
+    plan = plan_sync([a2, b], ledger, set(), splitter, "m")
+    assert (plan.docs_unchanged, plan.docs_changed, plan.docs_removed, plan.docs_added) == (1, 1, 1, 0)
+    assert [r["text"] for r in plan.to_embed] == ["a2-new"]  # only the changed chunk is embedded
+    assert sorted(r["text"] for r in plan.to_retag) == ["a1", "a3"]  # same text, new doc version: no model call
+    deleted_texts = {cid for cid in plan.to_delete}
+    assert len(deleted_texts) == 3  # a's old "a2" and c's two chunks
+
+
+def test_plan_on_unchanged_corpus_touches_nothing_and_never_chunks():
+    docs = [_doc("a", "x|y"), _doc("b", "z")]
+    ledger = _ledger(sum((chunk_rows(d, splitter(d.text), "m") for d in docs), []))
+
+    def must_not_chunk(text):
+        raise AssertionError("unchanged docs must not be chunked")
+
+    plan = plan_sync(docs, ledger, set(), must_not_chunk, "m")
+    assert plan.docs_unchanged == 2 and not plan.to_embed and not plan.to_retag and not plan.to_delete
+
+
+def test_plan_repairs_a_partially_written_doc_and_keeps_unreadable_docs():
+    a = _doc("a", "a1|a2|a3")
+    rows = chunk_rows(a, splitter(a.text), "m")
+    keep = _doc("broken.md", "k1")
+    ledger = _ledger(rows[:1] + chunk_rows(keep, ["k1"], "m"))  # a run died after a's first chunk
+    plan = plan_sync([a], ledger, {"broken.md"}, splitter, "m")
+    assert [r["text"] for r in plan.to_embed] == ["a2", "a3"]
+    assert plan.to_delete == []  # broken.md could not be read this run: its chunks stay
+
+
+def test_sources_skip_bad_files_with_reasons(tmp_path: Path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "ok.md").write_text("# Title\nSome text.")
+    (root / "empty.txt").write_text("")
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (root / "bin.txt").write_bytes(b"abc\x00def")
+    (root / "big.txt").write_text("x" * 2000)
+    (root / "page.html").write_text("<html><script>var x=1;</script><body><p>Hello</p><p>World</p></body></html>")
+    (root / "recs.jsonl").write_text(
+        json.dumps({"id": 1, "text": "one", "lang": "en"}) + "\n{broken\n"
+        + json.dumps({"id": 1, "text": "one again"}) + "\n" + json.dumps({"id": 2}) + "\n"
+    )
+    outside = tmp_path / "secret.txt"
+    outside.write_text("do not index")
+    (root / "link.txt").symlink_to(outside)
+    docs, skipped = load_documents(root, CorpusConfig(max_doc_bytes=1000))
+    by_id = {d.doc_id: d for d in docs}
+    assert set(by_id) == {"ok.md", "page.html", "recs.jsonl#1"}
+    assert by_id["page.html"].text == "Hello\nWorld"
+    assert by_id["recs.jsonl#1"].text == "one again"  # the later line wins, and is reported
+    reasons = {s.doc_id: s.reason for s in skipped}
+    assert reasons["empty.txt"] == "empty file"
+    assert "not UTF-8" in reasons["latin1.txt"]
+    assert "binary" in reasons["bin.txt"]
+    assert "max_doc_bytes" in reasons["big.txt"]
+    assert "outside the corpus root" in reasons["link.txt"]
+    assert "malformed JSON" in reasons["recs.jsonl:2"]
+    assert "needs a string/int 'id'" in reasons["recs.jsonl:4"]
+    assert "duplicate id on lines 1 and 3" in reasons["recs.jsonl#1"]
+    assert all(s.source in {"empty.txt", "latin1.txt", "bin.txt", "big.txt", "link.txt", "recs.jsonl"} for s in skipped)
+
+
+def test_missing_corpus_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pass the corpus root"):
+        load_documents(tmp_path / "nope", CorpusConfig())

@@ -1,0 +1,41 @@
+"""Local services: clear errors when a port is taken or a service died."""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from tunedex.infra import services
+from tunedex.infra.config import load_config
+
+from conftest import free_port
+
+
+def test_taken_port_is_named_with_the_fix(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        cfg = load_config(None, [f"data_dir={tmp_path}", f"milvus.uri=http://127.0.0.1:{port}"])
+        with pytest.raises(services.ServiceError, match=f"port {port} .* is taken by another process; stop it, or set milvus.uri"):
+            services.start_milvus(cfg)
+
+
+def test_milvus_lite_server_starts_is_idempotent_and_death_is_reported(tmp_path):
+    cfg = load_config(None, [f"data_dir={tmp_path}", f"milvus.uri=http://127.0.0.1:{free_port()}"])
+    assert services.milvus_status(cfg).detail.startswith("not running")
+    try:
+        first = services.start_milvus(cfg)
+        assert first.running and "Milvus Lite server pid" in first.detail
+        assert services.start_milvus(cfg).detail == first.detail  # a second `up` reuses it
+        pid = int((cfg.run_dir / "milvus.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while services.port_open("127.0.0.1", cfg.milvus.port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = services.milvus_status(cfg)
+        assert not status.running and status.detail.startswith("died; see")
+    finally:
+        services.stop_milvus(cfg)
