@@ -25,6 +25,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_INDEX_DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "HNSW": ({"M": 16, "efConstruction": 200}, {"ef": 64}),
+    "IVF_FLAT": ({"nlist": 128}, {"nprobe": 16}),
+    "FLAT": ({}, {}),
+    "AUTOINDEX": ({}, {}),
+}
+
+
 class MilvusConfig(Section):
     uri: str = Field("http://127.0.0.1:19530", description="Milvus endpoint; a server is http://milvus:19530")
     token: str = Field("", description="Milvus token (user:password) for a secured server")
@@ -32,8 +40,8 @@ class MilvusConfig(Section):
     collection: str = Field("tunedex_docs", description="collection name prefix; the model id is appended")
     consistency_level: Literal["Strong", "Session", "Bounded", "Eventually"] = "Strong"
     index_type: Literal["HNSW", "FLAT", "IVF_FLAT", "AUTOINDEX"] = "HNSW"
-    index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 200})
-    search_params: dict[str, Any] = Field(default_factory=lambda: {"ef": 64})
+    index_params: dict[str, Any] | None = Field(None, description="dense index build params; default per index_type")
+    search_params: dict[str, Any] | None = Field(None, description="dense search params; default per index_type")
     write_batch_size: int = Field(256, ge=1, le=10_000)
 
     @field_validator("uri")
@@ -54,6 +62,14 @@ class MilvusConfig(Section):
         return v
 
     @property
+    def dense_index_params(self) -> dict[str, Any]:
+        return self.index_params if self.index_params is not None else _INDEX_DEFAULTS[self.index_type][0]
+
+    @property
+    def dense_search_params(self) -> dict[str, Any]:
+        return self.search_params if self.search_params is not None else _INDEX_DEFAULTS[self.index_type][1]
+
+    @property
     def is_loopback(self) -> bool:
         host = urlparse(self.uri).hostname or ""
         if host == "localhost":
@@ -72,6 +88,7 @@ class RayConfig(Section):
     address: str = Field("127.0.0.1:6379", description="Ray GCS address, or ray://HOST:10001 for a remote cluster")
     local_head: bool = Field(True, description="`tunedex up` starts a Ray head for a loopback address")
     dashboard_port: int = Field(8265, ge=1, le=65535)
+    client_server_port: int = Field(10001, ge=1, le=65535, description="Ray Client (ray://) port of the local head")
     num_cpus: int | None = Field(4, ge=1, description="logical CPUs the local head advertises")
     auth_token_path: Path | None = Field(None, description="Ray auth token file; default DATA_DIR/ray_auth_token")
 

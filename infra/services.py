@@ -7,6 +7,7 @@ process (the Milvus Lite server) owns the data dir, so they can use the index at
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -147,17 +148,18 @@ def start_ray(cfg: TunedexConfig, timeout: float = 90.0) -> ServiceStatus:
     host, port = cfg.ray.address.rsplit(":", 1)[0], cfg.ray.port
     if (cfg.run_dir / "ray.started").exists() and port_open(host, port):
         return ray_status(cfg)
-    for taken in (port, cfg.ray.dashboard_port):
+    for taken in (port, cfg.ray.dashboard_port, cfg.ray.client_server_port):
         if port_open(host, taken):
             raise ServiceError(
                 f"port {taken} is taken by another process (another Ray?); stop it (`ray stop`), "
-                "or set ray.address / ray.dashboard_port to free ports"
+                "or set ray.address / ray.dashboard_port / ray.client_server_port to free ports"
             )
     ensure_ray_token(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
         _bin("ray"), "start", "--head", "--port", str(port),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(cfg.ray.dashboard_port),
+        "--ray-client-server-port", str(cfg.ray.client_server_port),
         "--disable-usage-stats",
     ]
     if cfg.ray.num_cpus:
@@ -187,11 +189,46 @@ def ray_status(cfg: TunedexConfig) -> ServiceStatus:
     return ServiceStatus("ray", listening, cfg.ray.address, detail)
 
 
-def stop_ray(cfg: TunedexConfig) -> bool:
+def ray_head_processes(gcs_port: int) -> list[psutil.Process]:
+    """Every process of the Ray head whose GCS listens on `gcs_port`, and their children.
+
+    `ray stop` would stop every Ray on the machine (another user's, or a test's); this finds ours:
+    the GCS by its port, the rest by that session's dir or by the GCS address they were given.
+    """
+    procs = list(psutil.process_iter(["cmdline"]))
+    args = {p.pid: " ".join(p.info["cmdline"] or []) for p in procs}
+    gcs = [p for p in procs if "gcs_server" in args[p.pid] and f"--gcs_server_port={gcs_port} " in args[p.pid] + " "]
+    if not gcs:
+        return []
+    session = re.search(r"--session-dir=(\S+)", args[gcs[0].pid])
+    address = re.compile(rf"--(gcs-)?address=\S+:{gcs_port}(\s|$)")
+    roots = [p for p in procs if (session and session.group(1) in args[p.pid]) or address.search(args[p.pid])]
+    found: dict[int, psutil.Process] = {}
+    for root in roots:
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                found[p.pid] = p
+        except psutil.NoSuchProcess:
+            continue
+    return list(found.values())
+
+
+def stop_ray(cfg: TunedexConfig, timeout: float = 20.0) -> bool:
     marker = cfg.run_dir / "ray.started"
     if not marker.exists():
         return False
-    subprocess.run([_bin("ray"), "stop", "--force"], capture_output=True, env={**os.environ, **ray_env(cfg)}, timeout=120)
+    procs = ray_head_processes(cfg.ray.port)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     marker.unlink(missing_ok=True)
     return True
 

@@ -74,7 +74,7 @@ def ensure_collection(client: MilvusClient, cfg: MilvusConfig, name: str, dim: i
         Function(name="bm25", function_type=FunctionType.BM25, input_field_names=["text"], output_field_names=["sparse"])
     )
     index = client.prepare_index_params()
-    index.add_index("dense", index_type=cfg.index_type, metric_type="COSINE", params=cfg.index_params)
+    index.add_index("dense", index_type=cfg.index_type, metric_type="COSINE", params=cfg.dense_index_params)
     index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
     client.create_collection(name, schema=schema, index_params=index, consistency_level=cfg.consistency_level)
     client.load_collection(name)
@@ -163,7 +163,7 @@ def hybrid_search(
 ) -> list[Hit]:
     """Dense + BM25, fused with reciprocal rank fusion."""
     fields = ["doc_id", "doc_version", "text", "metadata"]
-    dense = AnnSearchRequest(data=[vector], anns_field="dense", param=cfg.search_params, limit=top_k, expr=filter or None)
+    dense = AnnSearchRequest(data=[vector], anns_field="dense", param=cfg.dense_search_params, limit=top_k, expr=filter or None)
     sparse = AnnSearchRequest(data=[query], anns_field="sparse", param={}, limit=top_k, expr=filter or None)
     res = client.hybrid_search(name, [dense, sparse], ranker=RRFRanker(60), limit=top_k, output_fields=fields)
     return [

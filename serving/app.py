@@ -7,12 +7,14 @@ Deployments: `Retriever` (embedder + Milvus hybrid search), `Generator` (the rel
 
 
 import asyncio
+import hmac
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -21,6 +23,25 @@ from tunedex.infra.config import load_config
 from tunedex.serving.prompt import build_messages, source_entries
 
 api = FastAPI(title="tunedex", docs_url=None, redoc_url=None)
+OPEN_ROUTES = {"/healthz", "/readyz"}  # probes carry no data; every other route needs the key when one is set
+
+
+def authorized(header: str | None, key: str) -> bool:
+    """`Authorization: Bearer KEY`, compared in constant time."""
+    scheme, _, token = (header or "").partition(" ")
+    return scheme == "Bearer" and hmac.compare_digest(token.encode(), key.encode())
+
+
+@api.middleware("http")
+async def require_api_key(request: Request, call_next):
+    key = getattr(request.app.state, "api_key", None)
+    if key and request.url.path not in OPEN_ROUTES and not authorized(request.headers.get("authorization"), key):
+        return JSONResponse(
+            {"error": {"message": "missing or wrong API key; send `Authorization: Bearer <serve.api_key>`",
+                       "type": "authentication_error"}},
+            status_code=401, headers={"WWW-Authenticate": "Bearer"},
+        )
+    return await call_next(request)
 
 
 class ServeArgs(BaseModel):
@@ -91,7 +112,10 @@ class Generator:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, retriever: DeploymentHandle, generator: DeploymentHandle, release: dict, top_k: int):
+    def __init__(
+        self, retriever: DeploymentHandle, generator: DeploymentHandle, release: dict, top_k: int, api_key: str | None
+    ):
+        api.state.api_key = api_key
         self.retriever = retriever
         self.generator = generator
         self.release = release
@@ -141,4 +165,4 @@ def build_app(args: ServeArgs) -> serve.Application:
     check_model_dir(Path(release.model_path))
     retriever = Retriever.bind(args, release.collection)
     generator = Generator.bind(release.model_path, cfg.serve.max_new_tokens)
-    return Ingress.bind(retriever, generator, asdict(release), cfg.serve.top_k)
+    return Ingress.bind(retriever, generator, asdict(release), cfg.serve.top_k, cfg.serve.api_key)

@@ -176,7 +176,7 @@ def index(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 @friendly_errors
 def finetune(
-    args: Annotated[Optional[list[str]], typer.Argument(help="[CONFIG.yaml] [key=value ...], e.g. finetune.max_steps=20")] = None,
+    args: Annotated[Optional[list[str]], typer.Argument(help="CONFIG.yaml, then key=value overrides, e.g. finetune.max_steps=20")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune the model with DeepSpeed on Ray Train; export safetensors + tokenizer."""
@@ -189,7 +189,9 @@ def finetune(
     from tunedex.workers.finetune import main
 
     ray.init(address=cfg.ray.address, logging_level="WARNING", log_to_driver=True)
-    typer.echo(main(cfg).summary)
+    result = main(cfg)
+    ray.shutdown()  # flushes the workers' streamed logs, so the summary line comes last
+    typer.echo(result.summary)
 
 
 @app.command()

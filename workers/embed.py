@@ -133,8 +133,11 @@ def plan_sync(
     return plan
 
 
-def write_plan(client: Any, name: str, plan: SyncPlan, embedder: Embedder, batch_size: int) -> None:
-    """New rows first, then re-tags, then deletes: a kill anywhere leaves only repairable state."""
+def write_plan(client: Any, name: str, plan: SyncPlan, embedder: Embedder, batch_size: int) -> int:
+    """New rows first, then re-tags, then deletes: a kill anywhere leaves only repairable state.
+
+    Returns the rows re-tagged; a row whose stored vector vanished meanwhile is embedded instead.
+    """
     started, done = time.monotonic(), 0
     for start in range(0, len(plan.to_embed), batch_size):
         batch = plan.to_embed[start : start + batch_size]
@@ -146,11 +149,15 @@ def write_plan(client: Any, name: str, plan: SyncPlan, embedder: Embedder, batch
         eta = (len(plan.to_embed) - done) / rate if rate else 0.0
         log.info("embedded %d/%d chunks  %.1f chunks/s  elapsed %.0fs  eta %.0fs",
                  done, len(plan.to_embed), rate, elapsed, eta)
+    retagged = 0
     for start in range(0, len(plan.to_retag), batch_size):
         batch = plan.to_retag[start : start + batch_size]
         vectors = store.fetch_vectors(client, name, [r["chunk_id"] for r in batch])
-        store.upsert_rows(client, name, [{**r, "dense": vectors[r["chunk_id"]]} for r in batch if r["chunk_id"] in vectors])
+        lost = [r for r in batch if r["chunk_id"] not in vectors]
+        vectors.update(zip([r["chunk_id"] for r in lost], embedder.embed([r["text"] for r in lost])))
+        retagged += store.upsert_rows(client, name, [{**r, "dense": vectors[r["chunk_id"]]} for r in batch]) - len(lost)
     store.delete_ids(client, name, sorted(set(plan.to_delete)))
+    return retagged
 
 
 def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False) -> IndexReport:
@@ -169,8 +176,9 @@ def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False) -> Index
     failed_files = {s.source for s in skipped if s.doc_id not in loaded}
     keep = {doc_id for doc_id, *_ in ledger.values() if doc_id.split("#")[0] in failed_files}
     plan = plan_sync(docs, ledger, keep, lambda t: chunk_text(t, embedder.tokenizer, size, overlap), embedder.model_id)
+    retagged = 0
     if not dry_run:
-        write_plan(client, name, plan, embedder, cfg.milvus.write_batch_size)
+        retagged = write_plan(client, name, plan, embedder, cfg.milvus.write_batch_size)
         store.point_alias(client, store.live_alias(cfg.milvus), name)
     report = IndexReport(
         collection=name,
@@ -180,7 +188,7 @@ def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False) -> Index
         docs_unchanged=plan.docs_unchanged,
         docs_failed=len(failed),
         chunks_embedded=0 if dry_run else len(plan.to_embed),
-        chunks_retagged=0 if dry_run else len(plan.to_retag),
+        chunks_retagged=retagged,
         chunks_deleted=0 if dry_run else len(set(plan.to_delete)),
         chunks_total=len(ledger) if dry_run else store.count_rows(client, name),
         seconds=round(time.monotonic() - started, 3),

@@ -1,0 +1,128 @@
+"""The README's path, command by command, on the real stack: index -> finetune -> promote -> serve -> ask,
+then the nightly flow on Prefect's local API brings in day 2."""
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+README_COMMANDS = ["tunedex up", "tunedex demo-data", "tunedex index", "tunedex finetune", "tunedex promote",
+                   "tunedex serve", "tunedex ask", "tunedex flows run nightly-reembed", "tunedex status",
+                   "tunedex config check", "make demo", "make test"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack, demo):
+    path, cfg = stack
+    cwd = path.parent
+    out = {"cfg": cfg, "path": path, "cwd": cwd}
+    out["check"] = run_cli("config", "check", str(path), cwd=cwd)
+    out["index"] = run_cli("index", str(demo["day1"]), "-c", str(path), cwd=cwd)
+    out["finetune"] = run_cli("finetune", str(path), "finetune.max_steps=30", cwd=cwd)
+    out["promote"] = run_cli("promote", "-c", str(path), cwd=cwd)
+    out["serve"] = run_cli("serve", "-c", str(path), cwd=cwd)
+    return out
+
+
+def test_readme_documents_the_commands_exercised_here():
+    readme = (REPO / "README.md").read_text()
+    missing = [c for c in README_COMMANDS if c not in readme]
+    assert not missing, f"README lacks {missing}"
+
+
+def test_index_and_finetune_print_their_summaries(pipeline):
+    assert re.search(r"indexed \w+: docs \+33 ~0 -0 =0 failed 0", pipeline["index"].stdout)
+    summary = [line for line in pipeline["finetune"].stdout.splitlines() if line.startswith("fine-tuned ")][-1]
+    m = re.match(r"fine-tuned (\S+): 30 steps, loss ([\d.]+) -> ([\d.]+), \d+ tokens/s, \d+s -> (\S+)", summary)
+    assert m, summary
+    first, last = float(m.group(2)), float(m.group(3))
+    assert last < 0.6 * first, f"the loss did not fall: {first} -> {last}"
+    model_dir = Path(m.group(4))
+    assert (model_dir / "model.safetensors").is_file() and not list(model_dir.glob("*.bin"))
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert card["base_model"] == "tiny" and len(card["data_hash"]) == 32
+
+
+AUTH = {"Authorization": "Bearer test-key-123"}
+
+
+def test_endpoint_requires_its_api_key_except_on_probes(pipeline):
+    url = pipeline["cfg"].serve.url
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dGVzdA=="},
+                    {"Authorization": "Bearer"}, {"Authorization": "bearer test-key-123"}):
+        resp = httpx.post(f"{url}/v1/query", json={"question": "hi"}, headers=headers, timeout=30)
+        assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error", headers
+    assert httpx.post(f"{url}/v1/query?api_key=test-key-123", json={"question": "hi"}, timeout=30).status_code == 401
+    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+
+
+def test_endpoint_answers_with_sources_over_http(pipeline):
+    cfg = pipeline["cfg"]
+    release = re.search(r"promoted (rel-\S+):", pipeline["promote"].stdout).group(1)
+    assert f"serving {release} at {cfg.serve.url}" in pipeline["serve"].stdout
+    resp = httpx.post(f"{cfg.serve.url}/v1/query", json={"question": "When is shipping free?"}, headers=AUTH, timeout=60)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["release_id"] == release and body["mode"] == "hybrid"
+    assert isinstance(body["answer"], str) and body["answer"]
+    assert len(body["sources"]) == cfg.serve.top_k
+    top = body["sources"][0]
+    assert top["doc_id"] == "policies.jsonl#policy-shipping" and "ship for free" in top["text"]
+    assert set(top) == {"index", "chunk_id", "doc_id", "doc_version", "score", "text"}
+    assert set(body["timings_ms"]) == {"retrieve", "generate", "total"}
+    only = httpx.post(f"{cfg.serve.url}/v1/query", json={"question": "Quartz", "mode": "retrieve", "top_k": 2},
+                      headers=AUTH, timeout=60)
+    assert only.status_code == 200 and only.json()["answer"] == "" and len(only.json()["sources"]) == 2
+    bad = httpx.post(f"{cfg.serve.url}/v1/query", json={"question": "", "mode": "nope"}, headers=AUTH, timeout=10)
+    assert bad.status_code == 422
+    assert httpx.get(f"{cfg.serve.url}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_ask_prints_answer_and_sources(pipeline):
+    out = run_cli("ask", "How many days do I have to return an item?", "-c", str(pipeline["path"]), cwd=pipeline["cwd"]).stdout
+    assert out.startswith("Q: How many days") and "\nA: " in out
+    assert "] policies.jsonl#policy-returns @" in out
+
+
+def test_status_shows_services_and_release(pipeline):
+    out = run_cli("status", "-c", str(pipeline["path"]), cwd=pipeline["cwd"]).stdout
+    assert "milvus  up" in out and "ray     up" in out and "token auth on" in out
+    assert "release rel-" in out and "serve   up" in out
+
+
+def test_nightly_flow_reembeds_day2_on_prefect_local_api(pipeline, demo):
+    proc = run_cli("flows", "run", "nightly-reembed", "-c", str(pipeline["path"]), "--corpus", str(demo["day2"]),
+                   cwd=pipeline["cwd"])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (report["docs_added"], report["docs_removed"], report["docs_failed"]) == (3, 2, 0)
+    assert report["docs_changed"] > 0 and report["chunks_embedded"] > 0
+    assert "Finished in state Completed" in proc.stderr + proc.stdout
+    # the endpoint reads the same index: a discontinued product is gone from its sources
+    cfg = pipeline["cfg"]
+    body = httpx.post(f"{cfg.serve.url}/v1/query", json={"question": "Meridian Mouse 112", "mode": "retrieve",
+                                                        "top_k": 10}, headers=AUTH, timeout=60).json()
+    day2_ids = {p.relative_to(demo["day2"]).as_posix() for p in demo["day2"].rglob("*.md")}
+    assert all(s["doc_id"] in day2_ids or s["doc_id"].startswith("policies.jsonl#") for s in body["sources"])
+
+
+def test_bad_inputs_fail_with_clear_messages(pipeline, tmp_path):
+    cwd, path = pipeline["cwd"], str(pipeline["path"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serve: {port: high}\n")
+    proc = run_cli("config", "check", str(bad), cwd=cwd, check=False)
+    assert proc.returncode == 2 and "serve.port: expected an integer" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("index", str(tmp_path / "nope"), "-c", path, cwd=cwd, check=False)
+    assert proc.returncode == 1 and "is not a directory" in proc.stderr
+    proc = run_cli("promote", "--model", str(tmp_path), "-c", path, cwd=cwd, check=False)
+    assert proc.returncode == 1 and "no *.safetensors weights" in proc.stderr
+    train = tmp_path / "t.jsonl"
+    train.write_text('{"text": "ok"}\nnot json\n')
+    proc = run_cli("finetune", path, f"finetune.train_file={train}", cwd=cwd, check=False)
+    assert proc.returncode == 1 and "line 2:" in proc.stderr and "Traceback" not in proc.stderr
