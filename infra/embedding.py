@@ -53,17 +53,43 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_embedder(cfg: EmbeddingConfig) -> Embedder:
-    from sentence_transformers import SentenceTransformer
+def load_tokenizer(cfg: EmbeddingConfig) -> tuple[Any, int]:
+    """The model's tokenizer and its content-token limit, without loading the weights (for chunking)."""
+    import json
 
+    from transformers import AutoTokenizer
+
+    path = _checked_path(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise EmbeddingModelError(_cannot_load(cfg, exc)) from exc
+    st_config = Path(path) / "sentence_bert_config.json"
+    limit = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+    limit = min(limit or tokenizer.model_max_length, tokenizer.model_max_length, 8192)
+    return tokenizer, int(limit) - 2
+
+
+def _checked_path(cfg: EmbeddingConfig) -> str:
     path = resolve_model_path(cfg.model)
     if cfg.model.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
         raise EmbeddingModelError(f"embedding.model path {cfg.model} does not exist; set it to a model dir or a hub id")
+    return path
+
+
+def _cannot_load(cfg: EmbeddingConfig, exc: Exception) -> str:
+    return (
+        f"embedding.model {cfg.model!r} could not be loaded ({exc.__class__.__name__}: {exc}); "
+        "set embedding.model to a local sentence-transformers dir, or all-MiniLM-L6-v2 (packaged)"
+    )
+
+
+def load_embedder(cfg: EmbeddingConfig) -> Embedder:
+    from sentence_transformers import SentenceTransformer
+
+    path = _checked_path(cfg)
     try:
         model = SentenceTransformer(path, device=cfg.device, trust_remote_code=False)
     except Exception as exc:
-        raise EmbeddingModelError(
-            f"embedding.model {cfg.model!r} could not be loaded ({exc.__class__.__name__}: {exc}); "
-            "set embedding.model to a local sentence-transformers dir, or all-MiniLM-L6-v2 (packaged)"
-        ) from exc
+        raise EmbeddingModelError(_cannot_load(cfg, exc)) from exc
     return Embedder(model_id=cfg.model, model=model, batch_size=cfg.batch_size)

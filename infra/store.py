@@ -58,7 +58,6 @@ def live_alias(cfg: MilvusConfig) -> str:
 
 def ensure_collection(client: MilvusClient, cfg: MilvusConfig, name: str, dim: int) -> None:
     if client.has_collection(name):
-        client.load_collection(name)
         return
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("chunk_id", DataType.VARCHAR, is_primary=True, max_length=64)

@@ -3,6 +3,7 @@
 import pytest
 
 from tunedex.infra import store
+from tunedex.infra.config import load_config
 from tunedex.workers.embed import index_corpus
 from tunedex.workers.sources import load_documents
 
@@ -17,8 +18,13 @@ def _stored(cfg, name):
         client.close()
 
 
-def test_index_twice_leaves_the_same_rows_then_day2_syncs(stack, demo):
-    _, cfg = stack
+@pytest.fixture
+def cfg(stack, request):
+    """The stack's config with a collection of this test's own."""
+    return load_config(stack[0], [f"milvus.collection={request.node.name.removeprefix('test_')[:40]}"])
+
+
+def test_index_twice_leaves_the_same_rows_then_day2_syncs(cfg, demo):
     first = index_corpus(cfg, demo["day1"])
     rows1 = _stored(cfg, first.collection)
     assert first.chunks_embedded == first.chunks_total == len(rows1) > 0
@@ -40,8 +46,8 @@ def test_index_twice_leaves_the_same_rows_then_day2_syncs(stack, demo):
     assert _stored(cfg, first.collection) == rows1 and back.docs_removed == 3
 
 
-def test_dry_run_writes_nothing(stack, demo, tmp_path):
-    _, cfg = stack
+def test_dry_run_writes_nothing(cfg, demo, tmp_path):
+    index_corpus(cfg, demo["day1"])
     corpus = tmp_path / "c"
     corpus.mkdir()
     (corpus / "new.md").write_text("A brand new document about the Zephyr Kettle 900.")

@@ -25,11 +25,11 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from tunedex.infra import store
 from tunedex.infra.config import TunedexConfig
-from tunedex.infra.embedding import Embedder, load_embedder
+from tunedex.infra.embedding import load_embedder, load_tokenizer
 from tunedex.infra.ids import chunk_id, slug
 from tunedex.workers.chunking import chunk_text
 from tunedex.workers.sources import Document, load_documents
@@ -133,53 +133,93 @@ def plan_sync(
     return plan
 
 
-def write_plan(client: Any, name: str, plan: SyncPlan, embedder: Embedder, batch_size: int) -> int:
+def vector_batches(texts: dict[str, str], cfg: TunedexConfig) -> Iterator[dict[str, list[float]]]:
+    """{chunk_id: vector} batches: in this process, or on a Ray Data replica pool (`embedding.replicas`)."""
+    size = cfg.milvus.write_batch_size
+    if cfg.embedding.replicas:
+        from tunedex.workers.embed_pipeline import embed_with_ray
+
+        yield from embed_with_ray(texts, cfg, size)
+        return
+    embedder = load_embedder(cfg.embedding)
+    ordered = sorted(texts, key=lambda cid: len(texts[cid]))  # similar lengths share a batch: less padding
+    for start in range(0, len(ordered), size):
+        ids = ordered[start : start + size]
+        yield dict(zip(ids, embedder.embed([texts[cid] for cid in ids])))
+
+
+def write_plan(client: Any, cfg: TunedexConfig, name: str, plan: SyncPlan) -> int:
     """New rows first, then re-tags, then deletes: a kill anywhere leaves only repairable state.
 
-    Returns the rows re-tagged; a row whose stored vector vanished meanwhile is embedded instead.
+    The collection is created on the first write (its dim is the first vector's). Returns the
+    rows re-tagged; one whose stored vector vanished meanwhile (a lost write) is embedded instead.
     """
-    started, done = time.monotonic(), 0
-    for start in range(0, len(plan.to_embed), batch_size):
-        batch = plan.to_embed[start : start + batch_size]
-        vectors = embedder.embed([r["text"] for r in batch])
-        store.upsert_rows(client, name, [{**r, "dense": v} for r, v in zip(batch, vectors)])
-        done += len(batch)
-        elapsed = time.monotonic() - started
-        rate = done / elapsed if elapsed else 0.0
-        eta = (len(plan.to_embed) - done) / rate if rate else 0.0
-        log.info("embedded %d/%d chunks  %.1f chunks/s  elapsed %.0fs  eta %.0fs",
-                 done, len(plan.to_embed), rate, elapsed, eta)
+    rows = {r["chunk_id"]: r for r in plan.to_embed}
+    progress = Progress(total_chunks=len(rows), total_docs=len({r["doc_id"] for r in rows.values()}))
+    for vectors in vector_batches({cid: r["text"] for cid, r in rows.items()}, cfg):
+        store.ensure_collection(client, cfg.milvus, name, len(next(iter(vectors.values()))))
+        store.upsert_rows(client, name, [{**rows[cid], "dense": vec} for cid, vec in vectors.items()])
+        progress.update([rows[cid]["doc_id"] for cid in vectors])
     retagged = 0
-    for start in range(0, len(plan.to_retag), batch_size):
-        batch = plan.to_retag[start : start + batch_size]
+    size = cfg.milvus.write_batch_size
+    for start in range(0, len(plan.to_retag), size):
+        batch = plan.to_retag[start : start + size]
         vectors = store.fetch_vectors(client, name, [r["chunk_id"] for r in batch])
-        lost = [r for r in batch if r["chunk_id"] not in vectors]
-        vectors.update(zip([r["chunk_id"] for r in lost], embedder.embed([r["text"] for r in lost])))
+        lost = {r["chunk_id"]: r["text"] for r in batch if r["chunk_id"] not in vectors}
+        for more in vector_batches(lost, cfg) if lost else ():
+            vectors.update(more)
         retagged += store.upsert_rows(client, name, [{**r, "dense": vectors[r["chunk_id"]]} for r in batch]) - len(lost)
     store.delete_ids(client, name, sorted(set(plan.to_delete)))
     return retagged
 
 
+class Progress:
+    """Fixed-format progress lines, at most one every few seconds: chunks/s, docs/s, ETA."""
+
+    def __init__(self, total_chunks: int, total_docs: int, every_s: float = 5.0):
+        self.total_chunks, self.total_docs, self.every_s = total_chunks, total_docs, every_s
+        self.started = self.last = time.monotonic()
+        self.chunks = 0
+        self.docs_seen: set[str] = set()
+
+    def update(self, doc_ids: list[str]) -> None:
+        self.chunks += len(doc_ids)
+        self.docs_seen.update(doc_ids)
+        now = time.monotonic()
+        if now - self.last < self.every_s and self.chunks < self.total_chunks:
+            return
+        self.last = now
+        elapsed = now - self.started
+        rate = self.chunks / elapsed if elapsed else 0.0
+        eta = (self.total_chunks - self.chunks) / rate if rate else 0.0
+        log.info("embedded %d/%d chunks (%d/%d docs) | %.1f chunks/s | %.1f docs/s | elapsed %.0fs | eta %.0fs",
+                 self.chunks, self.total_chunks, len(self.docs_seen), self.total_docs, rate,
+                 len(self.docs_seen) / elapsed if elapsed else 0.0, elapsed, eta)
+
+
 def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False) -> IndexReport:
     started = time.monotonic()
     docs, skipped = load_documents(root, cfg.corpus)
-    embedder = load_embedder(cfg.embedding)
-    size = min(cfg.chunking.chunk_size, embedder.max_tokens)
+    tokenizer, max_tokens = load_tokenizer(cfg.embedding)
+    size = min(cfg.chunking.chunk_size, max_tokens)
     overlap = min(cfg.chunking.chunk_overlap, size - 1)
     client = store.connect(cfg.milvus)
-    name = store.collection_name(cfg.milvus, slug(embedder.model_id))
-    store.ensure_collection(client, cfg.milvus, name, embedder.dim)
-    ledger = store.read_ledger(client, name)
+    name = store.collection_name(cfg.milvus, slug(cfg.embedding.model))
+    exists = client.has_collection(name)
+    if exists:
+        client.load_collection(name)
+    ledger = store.read_ledger(client, name) if exists else {}
     loaded = {d.doc_id for d in docs}
     failed = {s.doc_id for s in skipped if s.doc_id not in loaded}
     # A file that could not be read (wholly, or one JSONL line) keeps every document it had stored.
     failed_files = {s.source for s in skipped if s.doc_id not in loaded}
     keep = {doc_id for doc_id, *_ in ledger.values() if doc_id.split("#")[0] in failed_files}
-    plan = plan_sync(docs, ledger, keep, lambda t: chunk_text(t, embedder.tokenizer, size, overlap), embedder.model_id)
+    plan = plan_sync(docs, ledger, keep, lambda t: chunk_text(t, tokenizer, size, overlap), cfg.embedding.model)
     retagged = 0
     if not dry_run:
-        retagged = write_plan(client, name, plan, embedder, cfg.milvus.write_batch_size)
-        store.point_alias(client, store.live_alias(cfg.milvus), name)
+        retagged = write_plan(client, cfg, name, plan)
+        if client.has_collection(name):
+            store.point_alias(client, store.live_alias(cfg.milvus), name)
     report = IndexReport(
         collection=name,
         docs_added=plan.docs_added,
@@ -190,11 +230,10 @@ def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False) -> Index
         chunks_embedded=0 if dry_run else len(plan.to_embed),
         chunks_retagged=retagged,
         chunks_deleted=0 if dry_run else len(set(plan.to_delete)),
-        chunks_total=len(ledger) if dry_run else store.count_rows(client, name),
+        chunks_total=len(ledger) if dry_run or not client.has_collection(name) else store.count_rows(client, name),
         seconds=round(time.monotonic() - started, 3),
         skipped=[asdict(s) for s in skipped],
         dry_run=dry_run,
     )
     client.close()
     return report
-
