@@ -43,6 +43,9 @@ class MilvusConfig(Section):
     index_params: dict[str, Any] | None = Field(None, description="dense index build params; default per index_type")
     search_params: dict[str, Any] | None = Field(None, description="dense search params; default per index_type")
     write_batch_size: int = Field(256, ge=1, le=10_000)
+    keep_collections: int = Field(2, ge=1, description="collections of past embedding models kept, the live one included")
+    ranker: Literal["rrf", "weighted"] = Field("rrf", description="how dense and BM25 results are fused")
+    ranker_weights: tuple[float, float] = Field((0.7, 0.3), description="dense, BM25 weights for `weighted`")
 
     @field_validator("uri")
     @classmethod

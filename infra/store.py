@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
-from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, RRFRanker
+from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, RRFRanker, WeightedRanker
 
 from tunedex.infra.config import MilvusConfig
 
@@ -59,7 +60,9 @@ def live_alias(cfg: MilvusConfig) -> str:
 def ensure_collection(client: MilvusClient, cfg: MilvusConfig, name: str, dim: int) -> None:
     if client.has_collection(name):
         return
-    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    # The description records when: Milvus Lite reports no creation time, and retention needs one.
+    created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=f"tunedex created={created}")
     schema.add_field("chunk_id", DataType.VARCHAR, is_primary=True, max_length=64)
     schema.add_field("doc_id", DataType.VARCHAR, max_length=2048)
     schema.add_field("doc_version", DataType.VARCHAR, max_length=64)
@@ -132,23 +135,28 @@ def count_rows(client: MilvusClient, name: str) -> int:
     return int(res[0]["count(*)"])
 
 
+def model_collections(client: MilvusClient, cfg: MilvusConfig) -> list[tuple[str, str]]:
+    """(created, name) of every collection under the `milvus.collection` prefix, oldest first."""
+    out = []
+    for name in client.list_collections():
+        if name.startswith(f"{cfg.collection}__"):
+            desc = client.describe_collection(name).get("description", "")
+            out.append((desc.partition("created=")[2], name))
+    return sorted(out)
+
+
 def point_alias(client: MilvusClient, alias: str, name: str) -> None:
     """Move `alias` to `name` (create it if new)."""
-    if alias in client.list_aliases(name).get("aliases", []):
-        return
-    try:
-        client.describe_alias(alias)
-    except Exception:
+    if alias not in client.list_aliases().get("aliases", []):
         client.create_alias(name, alias)
-    else:
+    elif resolve_alias(client, alias) != name:
         client.alter_alias(name, alias)
 
 
 def resolve_alias(client: MilvusClient, alias: str) -> str | None:
-    try:
-        return client.describe_alias(alias)["collection_name"]
-    except Exception:
+    if alias not in client.list_aliases().get("aliases", []):
         return None
+    return client.describe_alias(alias)["collection_name"]
 
 
 def hybrid_search(
@@ -160,11 +168,12 @@ def hybrid_search(
     top_k: int,
     filter: str = "",
 ) -> list[Hit]:
-    """Dense + BM25, fused with reciprocal rank fusion."""
+    """Dense + BM25, fused by reciprocal rank (`rrf`) or by weighted scores; `filter` is a Milvus expression."""
     fields = ["doc_id", "doc_version", "text", "metadata"]
     dense = AnnSearchRequest(data=[vector], anns_field="dense", param=cfg.dense_search_params, limit=top_k, expr=filter or None)
     sparse = AnnSearchRequest(data=[query], anns_field="sparse", param={}, limit=top_k, expr=filter or None)
-    res = client.hybrid_search(name, [dense, sparse], ranker=RRFRanker(60), limit=top_k, output_fields=fields)
+    ranker = RRFRanker(60) if cfg.ranker == "rrf" else WeightedRanker(*cfg.ranker_weights)
+    res = client.hybrid_search(name, [dense, sparse], ranker=ranker, limit=top_k, output_fields=fields)
     return [
         Hit(
             chunk_id=h["id"] if "id" in h else h["chunk_id"],

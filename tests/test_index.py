@@ -57,3 +57,70 @@ def test_dry_run_writes_nothing(cfg, demo, tmp_path):
     client = store.connect(cfg.milvus)
     assert store.count_rows(client, plan.collection) == plan.chunks_total
     client.close()
+
+
+def test_ray_data_pipeline_writes_the_same_rows_as_in_process(stack, cfg, demo):
+    """`embedding.replicas: 2` embeds on a Ray Data actor pool; ids and vectors match the in-process run."""
+    import json
+
+    import numpy as np
+
+    from conftest import run_cli
+
+    path, _ = stack
+    local = index_corpus(cfg, demo["day1"])
+    proc = run_cli("index", str(demo["day1"]), "-c", str(path), "--json", "--set", "embedding.replicas=2",
+                   "--set", "milvus.collection=raydata", cwd=path.parent)
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["chunks_embedded"] == local.chunks_embedded == report["chunks_total"]
+    assert "chunks/s" in proc.stderr  # progress lines
+    client = store.connect(cfg.milvus)
+    try:
+        ray_rows = {r["chunk_id"]: r for r in store.iter_rows(client, report["collection"], ["chunk_id", "doc_id", "dense"])}
+        local_rows = {r["chunk_id"]: r for r in store.iter_rows(client, local.collection, ["chunk_id", "doc_id", "dense"])}
+    finally:
+        client.close()
+    assert set(ray_rows) == set(local_rows)
+    for cid, row in ray_rows.items():
+        assert np.allclose(row["dense"], local_rows[cid]["dense"], atol=1e-4), cid
+
+
+def _model_copy(dst):
+    """The packaged model under another path: another embedding model id as far as tunedex knows."""
+    from tunedex.infra.embedding import resolve_model_path
+    from pathlib import Path
+
+    src = Path(resolve_model_path("all-MiniLM-L6-v2"))
+    for f in src.rglob("*"):
+        if f.is_file():
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            (dst / f.relative_to(src)).symlink_to(f)
+    return dst
+
+
+def test_model_change_builds_a_new_collection_moves_the_alias_and_retires_old_ones(stack, demo, tmp_path):
+    from tunedex.infra import registry
+
+    path, _ = stack
+    base = ["milvus.collection=swap", "milvus.keep_collections=2"]
+    names = []
+    models = ["all-MiniLM-L6-v2", *(str(_model_copy(tmp_path / f"minilm-{x}")) for x in "bcd")]
+    for model in models:
+        cfg = load_config(path, [*base, f"embedding.model={model}"])
+        report = index_corpus(cfg, demo["day1"])
+        names.append(report.collection)
+        client = store.connect(cfg.milvus)
+        assert store.resolve_alias(client, "swap_live") == report.collection
+        live_ids = {r["chunk_id"] for r in store.iter_rows(client, report.collection, ["chunk_id"])}
+        client.close()
+        if len(names) == 1:
+            first_ids = live_ids
+            # a release that names the first collection keeps it from retirement
+            registry.save_release(cfg.registry_dir, registry.new_release(tmp_path, names[0], model))
+    assert names[1] == "swap__minilm_b" and len(set(names)) == 4
+    assert not first_ids & live_ids  # the model id is part of every chunk id: vectors of two models never mix
+    client = store.connect(cfg.milvus)
+    remaining = set(client.list_collections())
+    client.close()
+    # live (d) + the newest before it (c), and the first because a release names it; b is retired
+    assert remaining >= {names[0], names[2], names[3]} and names[1] not in remaining

@@ -197,6 +197,19 @@ class Progress:
                  len(self.docs_seen) / elapsed if elapsed else 0.0, elapsed, eta)
 
 
+def retire_collections(client: Any, cfg: TunedexConfig, live: str) -> list[str]:
+    """Drop collections of past embedding models beyond `milvus.keep_collections`, never one a release names."""
+    from tunedex.infra.registry import list_releases
+
+    in_use = {r.collection for r in list_releases(cfg.registry_dir)} | {live}
+    older = [name for _, name in store.model_collections(client, cfg.milvus) if name != live]
+    retired = [name for name in older[: max(0, len(older) - (cfg.milvus.keep_collections - 1))] if name not in in_use]
+    for name in retired:
+        client.drop_collection(name)
+        log.info("dropped collection %s (milvus.keep_collections=%d)", name, cfg.milvus.keep_collections)
+    return retired
+
+
 def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False) -> IndexReport:
     started = time.monotonic()
     docs, skipped = load_documents(root, cfg.corpus)
@@ -220,6 +233,7 @@ def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False) -> Index
         retagged = write_plan(client, cfg, name, plan)
         if client.has_collection(name):
             store.point_alias(client, store.live_alias(cfg.milvus), name)
+            retire_collections(client, cfg, name)
     report = IndexReport(
         collection=name,
         docs_added=plan.docs_added,
