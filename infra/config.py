@@ -149,8 +149,16 @@ class TrainRayConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
-    storage_path: Path | None = Field(None, description="Ray Train storage; default DATA_DIR/ray_results")
-    run_name: str | None = None
+    storage_path: Path | None = Field(None, description="Ray Train storage (shared on a cluster); default DATA_DIR/ray_results")
+    run_name: str | None = Field(None, description="a run of the same name resumes from its last checkpoint")
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="PEFT target_modules")
 
 
 class FinetuneConfig(Section):
@@ -158,17 +166,29 @@ class FinetuneConfig(Section):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     trust_remote_code: bool = False
     train_file: Path | None = Field(None, description="JSONL of {messages}, {prompt, completion} or {text}")
+    adapter: Literal["full", "lora"] = Field("full", description="lora trains adapters and merges them on export")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     max_length: int = Field(256, ge=8)
+    overflow: Literal["truncate", "drop"] = Field("truncate", description="examples over max_length")
+    packing: bool = Field(False, description="pack examples into max_length sequences; attention stays per example")
+    completion_only_loss: bool = Field(True, description="loss on assistant turns / completions only")
+    eval_ratio: float = Field(0.1, ge=0, lt=1)
     per_device_train_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
     max_steps: int = Field(60, ge=1)
     logging_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(50, ge=1)
+    save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point after a failure)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
     seed: int = 0
     deepspeed: Literal["zero0", "zero1", "zero2", "zero3"] = "zero2"
+    bf16: Literal["auto"] | bool = Field("auto", description="auto: bf16 on GPUs, fp32 on CPU")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state in CPU memory (GPU runs)")
     output_dir: Path | None = Field(None, description="where the exported model goes; default DATA_DIR/models/RUN")
     ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
 

@@ -85,6 +85,18 @@ def list_releases(root: Path) -> list[Release]:
     return [Release(**json.loads(p.read_text(encoding="utf-8"))) for p in files]
 
 
+def register_model(root: Path, name: str, path: Path, card: dict[str, Any]) -> None:
+    """Record a model version (an exported fine-tune) with its card."""
+    write_json_atomic(root / "models" / f"{name}.json", {"name": name, "path": str(path), "card": card,
+                                                         "registered_at": datetime.now(timezone.utc).isoformat()})
+
+
+def latest_model(root: Path) -> Path | None:
+    """The most recently registered model version's dir."""
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in (root / "models").glob("*.json")]
+    return Path(max(records, key=lambda r: r["registered_at"])["path"]) if records else None
+
+
 def promote(root: Path, release: Release) -> None:
     """Make `release` the one the endpoint serves."""
     save_release(root, release)

@@ -8,6 +8,7 @@ import torch
 
 from tunedex.infra.config import FinetuneConfig
 from tunedex.workers import finetune as ft
+from tunedex.workers import sft_data
 
 EXAMPLES = [
     {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello there."}]},
@@ -23,42 +24,111 @@ def _jsonl(path: Path, lines: list[str]) -> Path:
 
 def test_bad_training_lines_are_reported_with_numbers(tmp_path):
     path = _jsonl(tmp_path / "t.jsonl", [json.dumps(EXAMPLES[0]), "{oops", json.dumps({"foo": 1}), "", "[1]"])
-    with pytest.raises(ft.FinetuneError) as exc:
-        ft.load_examples(path)
+    with pytest.raises(sft_data.DataError) as exc:
+        sft_data.load_examples(path)
     msg = str(exc.value)
     assert "3 bad line(s)" in msg and "line 2:" in msg and "line 3:" in msg and "line 5:" in msg
-    with pytest.raises(ft.FinetuneError, match="holds no examples"):
-        ft.load_examples(_jsonl(tmp_path / "empty.jsonl", [""]))
-    with pytest.raises(ft.FinetuneError, match="does not exist"):
-        ft.load_examples(tmp_path / "missing.jsonl")
+    with pytest.raises(sft_data.DataError, match="holds no examples"):
+        sft_data.load_examples(_jsonl(tmp_path / "empty.jsonl", [""]))
+    with pytest.raises(sft_data.DataError, match="does not exist"):
+        sft_data.load_examples(tmp_path / "missing.jsonl")
 
 
-def test_tiny_tokenizer_renders_every_format_and_round_trips(tmp_path):
-    tok = ft.prepare_tokenizer(FinetuneConfig(tiny={"vocab_size": 400}), EXAMPLES * 5)
-    rendered = [ft.render_example(ex, tok) for ex in EXAMPLES]
+@pytest.fixture(scope="module")
+def tok():
+    return ft.prepare_tokenizer(FinetuneConfig(tiny={"vocab_size": 400}), EXAMPLES * 5)
+
+
+def test_tiny_tokenizer_renders_every_format_and_round_trips(tok, tmp_path):
+    rendered = [sft_data.render(ex, tok, completion_only=True)[0] for ex in EXAMPLES]
     assert rendered[0] == "<|user|>\nHi?<|end|>\n<|assistant|>\nHello there.<|end|>\n"
     assert rendered[1].endswith(" 4<|end|>") and rendered[2].endswith("example.<|end|>")
-    ids, truncated = ft.tokenize(rendered, tok, max_length=8)
-    assert truncated >= 1 and all(len(x) <= 8 for x in ids)
-    full, _ = ft.tokenize(rendered[:1], tok, max_length=512)
-    assert tok.decode(full[0]) == rendered[0]
+    full = sft_data.tokenize(rendered[0], [(0, len(rendered[0]))], tok)
+    assert tok.decode(full.input_ids) == rendered[0]
     tok.save_pretrained(tmp_path / "tok")
-    assert "chat_template" in (tmp_path / "tok" / "tokenizer_config.json").read_text() or (tmp_path / "tok" / "chat_template.jinja").is_file()
+    saved = (tmp_path / "tok" / "tokenizer_config.json").read_text()
+    assert "chat_template" in saved or (tmp_path / "tok" / "chat_template.jinja").is_file()
 
 
-def test_collate_masks_padding_out_of_the_loss():
-    batch = ft.collate([[5, 6, 7], [8]], pad_id=0)
+def _loss_text(ex, tok):
+    return tok.decode([t for t, label in zip(ex.input_ids, ex.labels) if label != sft_data.IGNORE])
+
+
+def test_loss_only_on_assistant_turns_and_completions(tok):
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
+                         {"role": "assistant", "content": "Goodbye."}]}
+    ex = sft_data.tokenize(*sft_data.render(chat, tok, completion_only=True), tok)
+    assert _loss_text(ex, tok) == "Hello.<|end|>\nGoodbye.<|end|>\n"
+    pc = sft_data.tokenize(*sft_data.render(EXAMPLES[1], tok, completion_only=True), tok)
+    assert _loss_text(pc, tok).strip() == "4<|end|>"
+    everything = sft_data.tokenize(*sft_data.render(chat, tok, completion_only=False), tok)
+    assert all(label != sft_data.IGNORE for label in everything.labels)
+
+
+def test_overlong_examples_are_truncated_or_dropped_and_counted(tok):
+    rows = [{"prompt": "word " * 50, "completion": " done"}, EXAMPLES[2]]
+    kept, stats = sft_data.prepare(rows, tok, max_length=12, completion_only=True, overflow="truncate")
+    assert stats.truncated == 1 and stats.dropped == 1 and len(kept) == 1  # the truncated one lost its completion
+    kept, stats = sft_data.prepare(rows, tok, max_length=12, completion_only=False, overflow="truncate")
+    assert stats.truncated == 1 and len(kept) == 2 and all(len(k.input_ids) <= 12 for k in kept)
+    kept, stats = sft_data.prepare(rows, tok, max_length=12, completion_only=False, overflow="drop")
+    assert stats.dropped == 1 and len(kept) == 1
+
+
+def test_packed_and_unpacked_batches_give_the_same_per_token_loss(tok):
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": "Answer " * (i % 4 + 1)}]} for i in range(8)]
+    examples, _ = sft_data.prepare(rows, tok, max_length=64, completion_only=True, overflow="truncate")
+    model = ft.build_model(ft.model_spec(FinetuneConfig(tiny={"n_embd": 32, "n_head": 2}, max_length=128), tok)).eval()
+    unpacked = sft_data.collate([sft_data.as_packed(x) for x in examples], tok.pad_token_id)
+    packed_seqs = sft_data.pack(examples, max_length=64)
+    assert len(packed_seqs) < len(examples)
+    packed = sft_data.collate(packed_seqs, tok.pad_token_id)
+    with torch.no_grad():
+        a, b = model(**unpacked).loss, model(**packed).loss
+    n_a = int((unpacked["labels"][:, 1:] != sft_data.IGNORE).sum())
+    n_b = int((packed["labels"][:, 1:] != sft_data.IGNORE).sum())
+    assert n_a == n_b > 0
+    assert torch.allclose(a, b, atol=1e-5), (a.item(), b.item())
+
+
+def test_collate_masks_padding_out_of_the_loss_and_attention():
+    seqs = [sft_data.PackedSequence([5, 6, 7], [-100, 6, 7], [0, 0, 1], [0, 1, 0]),
+            sft_data.PackedSequence([8], [-100], [0], [0])]
+    batch = sft_data.collate(seqs, pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
+    mask = batch["attention_mask"][:, 0].int().tolist()
+    assert mask[0] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]  # the second example does not see the first
+    assert mask[1] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
 
 
 def test_deepspeed_config_follows_ours():
-    cfg = FinetuneConfig(deepspeed="zero3", gradient_accumulation_steps=4, per_device_train_batch_size=2)
-    ds = ft.deepspeed_config(cfg, bf16=False)
-    assert ds["zero_optimization"]["stage"] == 3
+    cfg = FinetuneConfig(deepspeed="zero3", gradient_accumulation_steps=4, per_device_train_batch_size=2,
+                         offload_optimizer=True)
+    ds = ft.deepspeed_config(cfg, bf16=True)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 2
-    assert ds["bf16"]["enabled"] is False
+    assert ds["bf16"]["enabled"] is True
+    f = ft.lr_lambda(2, 10, "linear")
+    assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_checkpoint_markers_refuse_partial_and_altered_checkpoints(tmp_path):
+    for rank in (0, 1):
+        (tmp_path / f"zero_rank{rank}.pt").write_bytes(b"shard %d" % rank)
+        files = {f"zero_rank{rank}.pt": ft.file_hashes(tmp_path)[f"zero_rank{rank}.pt"]}
+        (tmp_path / ft.MARKER.format(rank=rank)).write_text(json.dumps({"rank": rank, "world": 2, "step": 5, "files": files}))
+    assert ft.verify_checkpoint(tmp_path, world=2)["step"] == 5
+    with pytest.raises(ft.FinetuneError, match="resume with num_workers=2"):
+        ft.verify_checkpoint(tmp_path, world=1)
+    (tmp_path / "zero_rank1.pt").write_bytes(b"tampered")
+    with pytest.raises(ft.FinetuneError, match="altered"):
+        ft.verify_checkpoint(tmp_path, world=2)
+    (tmp_path / ft.MARKER.format(rank=1)).unlink()
+    with pytest.raises(ft.FinetuneError, match="partial"):
+        ft.verify_checkpoint(tmp_path, world=2)
 
 
 def test_local_base_model_loads_and_unsafe_ones_are_refused(tmp_path):

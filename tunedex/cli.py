@@ -198,7 +198,7 @@ def finetune(
 @friendly_errors
 def promote(
     release_id: Annotated[Optional[str], typer.Argument(help="an existing release to serve again")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="exported model dir (default: newest under DATA_DIR/models)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="exported model dir (default: the newest registered fine-tune)")] = None,
     collection: Annotated[Optional[str], typer.Option(help="collection (default: the live alias's target)")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -222,12 +222,12 @@ def promote(
 
 
 def newest_model(cfg: TunedexConfig) -> Path:
-    from tunedex.infra.registry import RegistryError
+    from tunedex.infra.registry import RegistryError, latest_model
 
-    models = sorted((cfg.data_dir / "models").glob("*/model.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not models:
-        raise RegistryError(f"no exported model under {cfg.data_dir / 'models'}; run `tunedex finetune` or pass --model")
-    return models[-1].parent
+    model = latest_model(cfg.registry_dir)
+    if model is None:
+        raise RegistryError(f"no model version in {cfg.registry_dir}; run `tunedex finetune` or pass --model")
+    return model
 
 
 @app.command()

@@ -1,12 +1,15 @@
 """Fine-tune a causal LM with DeepSpeed on Ray Train.
 
-`main(cfg)` reads top to bottom: load examples, prepare the tokenizer, tokenize, train on
-`ray.num_workers` workers, export safetensors + tokenizer + a model card. The per-worker loop
-is `train_loop_per_worker`; everything it calls is plain Python.
+`main(cfg)` reads top to bottom: load and tokenize the data, preflight the settings against the
+cluster, train on `ray.num_workers` workers (checkpointing every `save_steps`, resuming from the
+last complete checkpoint after a failure or when a run of the same name is submitted again),
+export safetensors + tokenizer + a model card, and register the model version.
+`train_loop_per_worker` is the per-worker loop; what it calls is plain Python.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -18,6 +21,8 @@ from typing import Any
 
 from tunedex.infra.config import FinetuneConfig, TunedexConfig
 from tunedex.infra.ids import content_hash
+from tunedex.workers import sft_data
+from tunedex.workers.sft_data import DataError, load_examples, render  # noqa: F401 - part of this module's API
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+MARKER = "tunedex_rank{rank}.json"  # one per rank: the checkpoint is complete when every rank's is there
 
 
 class FinetuneError(ValueError):
@@ -39,66 +45,23 @@ class FinetuneResult:
     run_name: str
     steps: int
     losses: list[float]
+    eval_losses: dict[int, float]
     tokens_per_s: float
     seconds: float
     examples: int
     truncated: int
+    dropped: int
+    resumed_from_step: int
 
     @property
     def summary(self) -> str:
         first, last = self.losses[0], self.losses[-1]
+        resumed = f" (resumed at step {self.resumed_from_step})" if self.resumed_from_step else ""
+        evals = f", eval loss {self.eval_losses[max(self.eval_losses)]:.3f}" if self.eval_losses else ""
         return (
-            f"fine-tuned {self.run_name}: {self.steps} steps, loss {first:.3f} -> {last:.3f}, "
+            f"fine-tuned {self.run_name}: {self.steps} steps{resumed}, loss {first:.3f} -> {last:.3f}{evals}, "
             f"{self.tokens_per_s:.0f} tokens/s, {self.seconds:.0f}s -> {self.output_dir}"
         )
-
-
-def load_examples(path: Path) -> list[dict[str, Any]]:
-    """JSONL of {messages}, {prompt, completion} or {text}; every bad line reported with its number."""
-    if not path.is_file():
-        raise FinetuneError(f"training file {path} does not exist; set finetune.train_file (try `tunedex demo-data`)")
-    examples, problems = [], []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                problems.append(f"line {lineno}: not a JSON object ({exc.__class__.__name__})")
-                continue
-            if not (isinstance(row, dict) and _example_kind(row)):
-                problems.append(f"line {lineno}: needs `messages`, `prompt`+`completion` or `text`")
-                continue
-            examples.append(row)
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise FinetuneError(f"{path} has {len(problems)} bad line(s):\n  {shown}")
-    if not examples:
-        raise FinetuneError(f"{path} holds no examples; add JSONL lines with `messages`, `prompt`/`completion` or `text`")
-    return examples
-
-
-def _example_kind(row: dict[str, Any]) -> str | None:
-    msgs = row.get("messages")
-    if isinstance(msgs, list) and msgs and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
-    ):
-        return "messages"
-    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-        return "prompt_completion"
-    if isinstance(row.get("text"), str) and row["text"].strip():
-        return "text"
-    return None
-
-
-def render_example(row: dict[str, Any], tokenizer: Any) -> str:
-    kind = _example_kind(row)
-    if kind == "messages":
-        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
-    if kind == "prompt_completion":
-        return row["prompt"] + row["completion"] + tokenizer.eos_token
-    return row["text"] + tokenizer.eos_token
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -120,9 +83,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
 
 def prepare_tokenizer(ft: FinetuneConfig, examples: list[dict[str, Any]]) -> Any:
     if ft.base_model == "tiny":
-        raw = [json.dumps(ex, ensure_ascii=False) for ex in examples]
-        tokenizer = train_tokenizer(raw, ft.tiny.vocab_size)
-        return tokenizer
+        return train_tokenizer([json.dumps(ex, ensure_ascii=False) for ex in examples], ft.tiny.vocab_size)
     from transformers import AutoTokenizer
 
     check_base_model(ft)
@@ -152,49 +113,58 @@ def check_base_model(ft: FinetuneConfig) -> None:
         )
 
 
-def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids per example, truncated to `max_length`; returns how many were truncated."""
-    ids, truncated = [], 0
-    for text in texts:
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-        truncated += len(tokens) > max_length
-        ids.append(tokens[:max_length])
-    return ids, truncated
-
-
 def model_spec(ft: FinetuneConfig, tokenizer: Any) -> dict[str, Any]:
+    lora = ft.lora.model_dump() if ft.adapter == "lora" else None
     if ft.base_model != "tiny":
-        return {"path": ft.base_model, "trust_remote_code": ft.trust_remote_code}
+        return {"path": ft.base_model, "trust_remote_code": ft.trust_remote_code, "lora": lora}
     t = ft.tiny
     common = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
               "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
     if t.architecture == "gpt2":
-        return {"gpt2": {**common, "n_layer": t.n_layer, "n_embd": t.n_embd, "n_head": t.n_head,
+        arch = {"gpt2": {**common, "n_layer": t.n_layer, "n_embd": t.n_embd, "n_head": t.n_head,
                          "n_positions": ft.max_length}}
-    return {"llama": {**common, "num_hidden_layers": t.n_layer, "hidden_size": t.n_embd,
-                      "num_attention_heads": t.n_head, "intermediate_size": 4 * t.n_embd,
-                      "max_position_embeddings": ft.max_length}}
+    else:
+        arch = {"llama": {**common, "num_hidden_layers": t.n_layer, "hidden_size": t.n_embd,
+                          "num_attention_heads": t.n_head, "intermediate_size": 4 * t.n_embd,
+                          "max_position_embeddings": ft.max_length}}
+    return {**arch, "lora": lora, "seed": ft.seed}
 
 
 def build_model(spec: dict[str, Any]) -> Any:
+    """The base model (built from a config, or loaded from safetensors), wrapped in LoRA when asked."""
+    import torch
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(spec.get("seed", 0))  # a tiny model starts from the same weights on every rank and run
     if "gpt2" in spec:
-        return GPT2LMHeadModel(GPT2Config(**spec["gpt2"]))
-    if "llama" in spec:
-        return LlamaForCausalLM(LlamaConfig(**spec["llama"]))
-    return AutoModelForCausalLM.from_pretrained(
-        spec["path"], use_safetensors=True, trust_remote_code=spec["trust_remote_code"]
-    )
+        model = GPT2LMHeadModel(GPT2Config(**spec["gpt2"]))
+    elif "llama" in spec:
+        model = LlamaForCausalLM(LlamaConfig(**spec["llama"]))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec["path"], use_safetensors=True, trust_remote_code=spec["trust_remote_code"]
+        )
+    if spec.get("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = spec["lora"]
+        model = get_peft_model(model, LoraConfig(
+            r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
+            target_modules=lora["target_modules"], task_type="CAUSAL_LM",
+        ))
+    return model
 
 
 def deepspeed_config(ft: FinetuneConfig, bf16: bool) -> dict[str, Any]:
     stage = int(ft.deepspeed.removeprefix("zero"))
+    zero: dict[str, Any] = {"stage": stage}
+    if ft.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": ft.per_device_train_batch_size,
         "gradient_accumulation_steps": ft.gradient_accumulation_steps,
         "gradient_clipping": ft.max_grad_norm,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
@@ -202,38 +172,127 @@ def deepspeed_config(ft: FinetuneConfig, bf16: bool) -> dict[str, Any]:
     }
 
 
-def lr_lambda(warmup: int, total: int):
+def lr_lambda(warmup: int, total: int, kind: str):
+    import math
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1 - progress) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
 
 
-def collate(batch: list[list[int]], pad_id: int) -> dict[str, Any]:
-    import torch
-
-    width = max(len(x) for x in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ids in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-    labels = input_ids.masked_fill(attention == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def micro_batches(examples: list[list[int]], batch_size: int, seed: int):
-    """An endless stream of shuffled micro-batches over this worker's shard."""
+def micro_batches(sequences: list[Any], batch_size: int, seed: int):
+    """An endless, seeded stream of shuffled micro-batches over this worker's shard."""
     import random
 
     rng = random.Random(seed)
-    order = list(range(len(examples)))
+    order = list(range(len(sequences)))
     while True:
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield [examples[i] for i in order[start : start + batch_size]]
+            yield [sequences[i] for i in order[start : start + batch_size]]
+
+
+def preflight(cfg: TunedexConfig, n_train: int) -> None:
+    """Settings the hardware cannot run fail here, before any worker starts (and before Ray waits forever)."""
+    import ray
+
+    ft = cfg.finetune
+    problems = []
+    if ft.bf16 is True and not ft.ray.use_gpu:
+        problems.append("finetune.bf16: true needs GPUs (ray.use_gpu: true); on CPU training runs in fp32: set bf16: auto")
+    if ft.offload_optimizer and not ft.ray.use_gpu:
+        problems.append("finetune.offload_optimizer offloads GPU optimizer state to CPU; it needs ray.use_gpu: true")
+    if ft.offload_optimizer and ft.deepspeed == "zero0":
+        problems.append("finetune.offload_optimizer needs ZeRO stage 1, 2 or 3 (finetune.deepspeed)")
+    have = ray.cluster_resources()
+    need = {k: v * ft.ray.num_workers for k, v in ft.ray.resources_per_worker.items()}
+    if ft.ray.use_gpu:
+        need["GPU"] = max(need.get("GPU", 0), ft.ray.num_workers)
+    for res, amount in need.items():
+        if have.get(res, 0) < amount:
+            problems.append(
+                f"finetune.ray: {ft.ray.num_workers} workers need {amount:g} {res} but the cluster has "
+                f"{have.get(res, 0):g}; lower ray.num_workers or resources_per_worker"
+            )
+    if n_train < ft.ray.num_workers * ft.per_device_train_batch_size:
+        problems.append(
+            f"{n_train} training sequences are fewer than one micro-batch per worker "
+            f"({ft.ray.num_workers} x {ft.per_device_train_batch_size}); add data or lower per_device_train_batch_size"
+        )
+    if problems:
+        raise FinetuneError("cannot start training:\n  - " + "\n  - ".join(problems))
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith("tunedex_rank")
+    }
+
+
+def verify_checkpoint(root: Path, world: int) -> dict[str, Any]:
+    """Every rank's marker is there and every file it lists has its recorded hash; else refuse."""
+    markers = []
+    for rank in range(world):
+        path = root / MARKER.format(rank=rank)
+        if not path.is_file():
+            raise FinetuneError(f"checkpoint {root} lacks rank {rank}'s completion marker: it is partial; not loading it")
+        markers.append(json.loads(path.read_text()))
+    for m in markers:
+        if m["world"] != world:
+            raise FinetuneError(f"checkpoint {root} was written by {m['world']} workers; resume with num_workers={m['world']}")
+        for rel, digest in m["files"].items():
+            f = root / rel
+            if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != digest:
+                raise FinetuneError(f"checkpoint file {f} is missing or altered (hash mismatch); not loading it")
+    return markers[0]
+
+
+def save_checkpoint(engine: Any, rank: int, world: int, step: int, state: dict[str, Any], metrics: dict) -> None:
+    """All ranks save their DeepSpeed shards, each writes its marker, and Ray Train gathers them."""
+    import ray.train
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="ckpt", client_state=state)
+        dist.barrier()
+        marker = {"rank": rank, "world": world, "step": step, "files": file_hashes(Path(tmp))}
+        Path(tmp, MARKER.format(rank=rank)).write_text(json.dumps(marker))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def load_checkpoint(engine: Any, world: int) -> dict[str, Any] | None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        verify_checkpoint(Path(d), world)
+        _, state = engine.load_checkpoint(d, tag="ckpt")
+    return state
+
+
+def evaluate(engine: Any, sequences: list[Any], batch_size: int, pad_id: int) -> float:
+    import torch
+    import torch.distributed as dist
+
+    total = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            batch = {k: v.to(engine.device) for k, v in sft_data.collate(sequences[start : start + batch_size], pad_id).items()}
+            n = int((batch["labels"][:, 1:] != sft_data.IGNORE).sum())
+            total += torch.tensor([engine(**batch).loss.item() * n, n], dtype=torch.float64)
+    engine.train()
+    dist.all_reduce(total)
+    return float(total[0] / max(total[1], 1))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -243,39 +302,53 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"])
     model = build_model(config["model"])
     ds = config["deepspeed"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config["warmup_steps"], config["max_steps"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config["warmup_steps"], config["max_steps"], config["lr_scheduler_type"])
+    )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    shard = config["examples"][rank::world]
-    if len(shard) < ds["train_micro_batch_size_per_gpu"]:
-        raise ValueError(f"worker {rank} has {len(shard)} examples, fewer than one micro-batch")
-    batches = micro_batches(shard, ds["train_micro_batch_size_per_gpu"], config["seed"] + rank)
-    accum, max_steps = ds["gradient_accumulation_steps"], config["max_steps"]
-    losses, tokens, started = [], 0, time.monotonic()
-    for step in range(1, max_steps + 1):
+    state = load_checkpoint(engine, world) or {"step": 0, "losses": [], "eval_losses": {}}
+    resumed_from = state["step"]
+    shard, eval_shard = config["train"][rank::world], config["eval"][rank::world]
+    micro, accum, max_steps = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], config["max_steps"]
+    batches = micro_batches(shard, micro, config["seed"] + rank)
+    for _ in range(resumed_from * accum):  # replay the data order up to the checkpoint
+        next(batches)
+    losses, eval_losses = list(state["losses"]), dict(state["eval_losses"])
+    tokens, started = 0, time.monotonic()
+    if rank == 0 and resumed_from:
+        print(f"resumed from the checkpoint at step {resumed_from}", flush=True)
+    for step in range(resumed_from + 1, max_steps + 1):
         step_loss = 0.0
         for _ in range(accum):
-            batch = {k: v.to(engine.device) for k, v in collate(next(batches), config["pad_id"]).items()}
+            batch = {k: v.to(engine.device) for k, v in sft_data.collate(next(batches), config["pad_id"]).items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / accum
-            tokens += int(batch["attention_mask"].sum()) * world
+            tokens += int((batch["labels"] != sft_data.IGNORE).sum()) * world
         losses.append(step_loss)
+        if eval_shard and (step % config["eval_steps"] == 0 or step == max_steps):
+            eval_losses[step] = evaluate(engine, eval_shard, micro, config["pad_id"])
         if rank == 0 and (step % config["logging_steps"] == 0 or step == max_steps):
             elapsed = time.monotonic() - started
-            eta = elapsed / step * (max_steps - step)
-            print(f"step {step}/{max_steps} | loss {step_loss:.4f} | tokens/s {tokens / elapsed:.0f} "
+            eta = elapsed / (step - resumed_from) * (max_steps - step)
+            ev = f" | eval loss {eval_losses[step]:.4f}" if step in eval_losses else ""
+            print(f"step {step}/{max_steps} | loss {step_loss:.4f}{ev} | tokens/s {tokens / elapsed:.0f} "
                   f"| elapsed {elapsed:.0f}s | eta {eta:.0f}s", flush=True)
-    metrics = {"losses": losses, "steps": max_steps, "tokens_per_s": tokens / (time.monotonic() - started)}
-    export_model(engine, rank, metrics)
+        if step % config["save_steps"] == 0 and step < max_steps:
+            state = {"step": step, "losses": losses, "eval_losses": eval_losses}
+            save_checkpoint(engine, rank, world, step, state, {"step": step, "loss": step_loss})
+    metrics = {"losses": losses, "eval_losses": eval_losses, "steps": max_steps, "resumed_from_step": resumed_from,
+               "tokens_per_s": tokens / (time.monotonic() - started)}
+    export_model(engine, rank, config["model"], metrics)
 
 
-def export_model(engine: Any, rank: int, metrics: dict[str, Any]) -> None:
-    """Rank 0 writes safetensors (ZeRO-3 shards gathered first) and reports them as the final checkpoint."""
+def export_model(engine: Any, rank: int, spec: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Rank 0 rebuilds the model from the full (gathered) weights, merges LoRA, saves safetensors."""
     import deepspeed
     import ray.train
 
@@ -284,12 +357,16 @@ def export_model(engine: Any, rank: int, metrics: dict[str, Any]) -> None:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
     else:
-        state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if rank == 0 else None
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
     if rank != 0:
         ray.train.report(metrics)
         return
+    model = build_model(spec)
+    model.load_state_dict(state)
+    if spec.get("lora"):
+        model = model.merge_and_unload()
     with tempfile.TemporaryDirectory() as tmp:
-        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         Path(tmp, "metrics.json").write_text(json.dumps(metrics))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -301,31 +378,39 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
     ft = cfg.finetune
     if ft.train_file is None:
         raise FinetuneError("finetune.train_file is not set; point it at a JSONL file (try `tunedex demo-data`)")
-    examples = load_examples(ft.train_file)
-    tokenizer = prepare_tokenizer(ft, examples)
-    ids, truncated = tokenize([render_example(ex, tokenizer) for ex in examples], tokenizer, ft.max_length)
-    if len(ids) < ft.ray.num_workers * ft.per_device_train_batch_size:
-        raise FinetuneError(
-            f"{len(ids)} examples are fewer than one micro-batch per worker "
-            f"({ft.ray.num_workers} x {ft.per_device_train_batch_size}); add data or lower per_device_train_batch_size"
-        )
+    try:
+        rows = load_examples(ft.train_file)
+    except DataError as exc:
+        raise FinetuneError(str(exc)) from None
+    tokenizer = prepare_tokenizer(ft, rows)
+    examples, stats = sft_data.prepare(rows, tokenizer, ft.max_length, ft.completion_only_loss, ft.overflow)
+    train, held_out = sft_data.split(examples, ft.eval_ratio, ft.seed)
+    to_seq = (lambda xs: sft_data.pack(xs, ft.max_length)) if ft.packing else (lambda xs: [sft_data.as_packed(x) for x in xs])
+    train_seqs, eval_seqs = to_seq(train), to_seq(held_out)
+    preflight(cfg, len(train_seqs))
     run_name = run_name or ft.ray.run_name or f"ft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     storage = (ft.ray.storage_path or cfg.data_dir / "ray_results").resolve()
-    bf16 = ft.ray.use_gpu  # fp32 on CPU; bf16 on GPUs
-    env = {} if ft.ray.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    bf16 = ft.ray.use_gpu and ft.bf16 in ("auto", True)
+    log.info("data: %d examples (%s), %d train / %d eval sequences, %d truncated, %d dropped, %d loss tokens",
+             stats.examples, stats.formats, len(train_seqs), len(eval_seqs), stats.truncated, stats.dropped,
+             stats.loss_tokens)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "examples": ids, "pad_id": tokenizer.pad_token_id, "model": model_spec(ft, tokenizer),
-            "deepspeed": deepspeed_config(ft, bf16), "learning_rate": ft.learning_rate,
-            "weight_decay": ft.weight_decay, "warmup_steps": ft.warmup_steps, "max_steps": ft.max_steps,
-            "logging_steps": ft.logging_steps, "seed": ft.seed,
+            "train": train_seqs, "eval": eval_seqs, "pad_id": tokenizer.pad_token_id,
+            "model": model_spec(ft, tokenizer), "deepspeed": deepspeed_config(ft, bf16),
+            "learning_rate": ft.learning_rate, "weight_decay": ft.weight_decay, "warmup_steps": ft.warmup_steps,
+            "lr_scheduler_type": ft.lr_scheduler_type, "max_steps": ft.max_steps, "logging_steps": ft.logging_steps,
+            "eval_steps": ft.eval_steps, "save_steps": ft.save_steps, "seed": ft.seed,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=ft.ray.num_workers, use_gpu=ft.ray.use_gpu, resources_per_worker=ft.ray.resources_per_worker
         ),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage), worker_runtime_env={"env_vars": env}
+            name=run_name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=ft.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft.save_total_limit),
+            worker_runtime_env={"env_vars": {} if ft.ray.use_gpu else {"DS_ACCELERATOR": "cpu"}},
         ),
     )
     started = time.monotonic()
@@ -334,18 +419,25 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
         raise RuntimeError(f"training run {run_name} finished without an exported model; see the worker logs above")
     out = (ft.output_dir or cfg.data_dir / "models" / run_name).resolve()
     result.checkpoint.to_directory(str(out))
+    if not (out / "model.safetensors").is_file() and not list(out.glob("*.safetensors")):
+        raise RuntimeError(f"training run {run_name} reported no exported model in {out}; see the worker logs above")
+    for f in out.glob("tunedex_rank*.json"):
+        f.unlink()
     tokenizer.save_pretrained(out)
     metrics = json.loads((out / "metrics.json").read_text())
     res = FinetuneResult(
         output_dir=str(out), run_name=run_name, steps=metrics["steps"], losses=metrics["losses"],
-        tokens_per_s=metrics["tokens_per_s"], seconds=round(time.monotonic() - started, 1),
-        examples=len(ids), truncated=truncated,
+        eval_losses={int(k): v for k, v in metrics["eval_losses"].items()}, tokens_per_s=metrics["tokens_per_s"],
+        seconds=round(time.monotonic() - started, 1), examples=stats.examples, truncated=stats.truncated,
+        dropped=stats.dropped, resumed_from_step=metrics["resumed_from_step"],
     )
     card = {
-        "base_model": ft.base_model, "data_file": str(ft.train_file),
+        "run_name": run_name, "base_model": ft.base_model, "adapter": ft.adapter, "data_file": str(ft.train_file),
         "data_hash": content_hash(ft.train_file.read_bytes()), "config": ft.model_dump(mode="json"),
         "metrics": {k: v for k, v in asdict(res).items() if k != "losses"} | {"final_loss": res.losses[-1]},
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=2))
-    return res
+    from tunedex.infra.registry import register_model
 
+    register_model(cfg.registry_dir, run_name, out, card)
+    return res
