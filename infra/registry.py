@@ -91,6 +91,11 @@ def register_model(root: Path, name: str, path: Path, card: dict[str, Any]) -> N
                                                          "registered_at": datetime.now(timezone.utc).isoformat()})
 
 
+def load_model(root: Path, name: str) -> dict[str, Any] | None:
+    path = root / "models" / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def latest_model(root: Path) -> Path | None:
     """The most recently registered model version's dir."""
     records = [json.loads(p.read_text(encoding="utf-8")) for p in (root / "models").glob("*.json")]

@@ -39,7 +39,8 @@ def test_readme_documents_the_commands_exercised_here():
 def test_index_and_finetune_print_their_summaries(pipeline):
     assert re.search(r"indexed \w+: docs \+33 ~0 -0 =0 failed 0", pipeline["index"].stdout)
     summary = [line for line in pipeline["finetune"].stdout.splitlines() if line.startswith("fine-tuned ")][-1]
-    m = re.match(r"fine-tuned (\S+): 30 steps, loss ([\d.]+) -> ([\d.]+), \d+ tokens/s, \d+s -> (\S+)", summary)
+    m = re.match(r"fine-tuned (\S+): 30 steps, loss ([\d.]+) -> ([\d.]+), eval loss [\d.]+, \d+ tokens/s, \d+s -> (\S+)",
+                 summary)
     assert m, summary
     first, last = float(m.group(2)), float(m.group(3))
     assert last < 0.6 * first, f"the loss did not fall: {first} -> {last}"

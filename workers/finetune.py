@@ -274,6 +274,8 @@ def load_checkpoint(engine: Any, world: int) -> dict[str, Any] | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
+        if (Path(d) / "metrics.json").is_file():
+            raise FinetuneError(f"the run's last checkpoint {ckpt.path} is its final export: it already finished")
         verify_checkpoint(Path(d), world)
         _, state = engine.load_checkpoint(d, tag="ckpt")
     return state
@@ -371,6 +373,25 @@ def export_model(engine: Any, rank: int, spec: dict[str, Any], metrics: dict[str
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def finished_run(cfg: TunedexConfig, run_name: str) -> FinetuneResult | None:
+    """A run of this name that already exported its model: submitting it again returns that result."""
+    from tunedex.infra.registry import load_model
+
+    record = load_model(cfg.registry_dir, run_name)
+    if record is None:
+        return None
+    card = record["card"]
+    if card["config"]["max_steps"] != cfg.finetune.max_steps or card["data_hash"] != content_hash(
+        cfg.finetune.train_file.read_bytes()
+    ):
+        raise FinetuneError(
+            f"run {run_name} already finished ({card['config']['max_steps']} steps on data {card['data_hash'][:8]}) "
+            f"-> {record['path']}; set another finetune.ray.run_name to train again"
+        )
+    log.info("run %s already finished; its model is %s", run_name, record["path"])
+    return FinetuneResult(**{**card["metrics"], "eval_losses": {int(k): v for k, v in card["metrics"]["eval_losses"].items()}})
+
+
 def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -389,6 +410,9 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
     train_seqs, eval_seqs = to_seq(train), to_seq(held_out)
     preflight(cfg, len(train_seqs))
     run_name = run_name or ft.ray.run_name or f"ft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    finished = finished_run(cfg, run_name)
+    if finished:
+        return finished
     storage = (ft.ray.storage_path or cfg.data_dir / "ray_results").resolve()
     bf16 = ft.ray.use_gpu and ft.bf16 in ("auto", True)
     log.info("data: %d examples (%s), %d train / %d eval sequences, %d truncated, %d dropped, %d loss tokens",
@@ -434,7 +458,7 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
     card = {
         "run_name": run_name, "base_model": ft.base_model, "adapter": ft.adapter, "data_file": str(ft.train_file),
         "data_hash": content_hash(ft.train_file.read_bytes()), "config": ft.model_dump(mode="json"),
-        "metrics": {k: v for k, v in asdict(res).items() if k != "losses"} | {"final_loss": res.losses[-1]},
+        "final_loss": res.losses[-1], "metrics": asdict(res),
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=2))
     from tunedex.infra.registry import register_model
