@@ -157,3 +157,18 @@ def test_local_base_model_loads_and_unsafe_ones_are_refused(tmp_path):
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ft.FinetuneError, match="pickled .bin weights are refused"):
         ft.check_base_model(FinetuneConfig(base_model=str(pickled)))
+
+
+def test_stale_extension_build_locks_are_cleared_and_fresh_ones_kept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert ft.clear_stale_build_locks(max_age_s=300) == [stale]
+    assert not stale.exists() and fresh.exists()

@@ -52,6 +52,7 @@ class FinetuneResult:
     truncated: int
     dropped: int
     resumed_from_step: int
+    peak_rss_mb: list[float]
 
     @property
     def summary(self) -> str:
@@ -254,9 +255,24 @@ def verify_checkpoint(root: Path, world: int) -> dict[str, Any]:
     return markers[0]
 
 
-def save_checkpoint(engine: Any, rank: int, world: int, step: int, state: dict[str, Any], metrics: dict) -> None:
-    """All ranks save their DeepSpeed shards, each writes its marker, and Ray Train gathers them."""
-    import ray.train
+class RayTrainIO:
+    """Where the loop reports metrics and checkpoints: Ray Train (the other is the GPU check's local dir)."""
+
+    def latest(self):
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return None if ckpt is None else ckpt.as_directory()
+
+    def report(self, metrics: dict[str, Any], directory: str | None = None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def save_checkpoint(engine: Any, io: Any, rank: int, world: int, step: int, state: dict[str, Any], metrics: dict) -> None:
+    """All ranks save their DeepSpeed shards, each writes its marker, and `io` gathers them."""
     import torch.distributed as dist
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,18 +280,16 @@ def save_checkpoint(engine: Any, rank: int, world: int, step: int, state: dict[s
         dist.barrier()
         marker = {"rank": rank, "world": world, "step": step, "files": file_hashes(Path(tmp))}
         Path(tmp, MARKER.format(rank=rank)).write_text(json.dumps(marker))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        io.report(metrics, tmp)
 
 
-def load_checkpoint(engine: Any, world: int) -> dict[str, Any] | None:
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+def load_checkpoint(engine: Any, io: Any, world: int) -> dict[str, Any] | None:
+    latest = io.latest()
+    if latest is None:
         return None
-    with ckpt.as_directory() as d:
+    with latest as d:
         if (Path(d) / "metrics.json").is_file():
-            raise FinetuneError(f"the run's last checkpoint {ckpt.path} is its final export: it already finished")
+            raise FinetuneError(f"the run's last checkpoint {d} is its final export: it already finished")
         verify_checkpoint(Path(d), world)
         _, state = engine.load_checkpoint(d, tag="ckpt")
     return state
@@ -297,13 +311,55 @@ def evaluate(engine: Any, sequences: list[Any], batch_size: int, pad_id: int) ->
     return float(total[0] / max(total[1], 1))
 
 
+def peak_rss_per_rank() -> list[float]:
+    """Each worker's peak resident memory (MiB), gathered on every rank."""
+    import resource
+
+    import torch.distributed as dist
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return [round(x, 1) for x in out]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import deepspeed
+    """Ray Train's entry on each worker."""
     import ray.train
-    import torch
 
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train(config, ctx.get_world_rank(), ctx.get_world_size(), RayTrainIO())
+
+
+def clear_stale_build_locks(max_age_s: float = 300.0) -> list[Path]:
+    """Remove JIT-build lock files older than `max_age_s` from torch's extension cache.
+
+    DeepSpeed JIT-builds an op (the CPU shm all-reduce) inside `deepspeed.initialize`, under a
+    plain lock file; a worker killed while holding it leaves the file behind, and every later
+    run waits on it forever. A build takes seconds, so an old lock can only be stale.
+    """
+    import os
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cache / "torch_extensions")  # where torch builds them
+    now, removed = time.time(), []
+    for lock in root.glob("*/*/lock"):
+        try:
+            if now - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def train(config: dict[str, Any], rank: int, world: int, io: Any) -> dict[str, Any]:
+    """The training loop of one worker; the process group is already up."""
+    import deepspeed
+    import torch
+
+    for lock in clear_stale_build_locks():
+        print(f"removed a stale extension build lock {lock} (left by a killed process)", flush=True)
     model = build_model(config["model"])
     ds = config["deepspeed"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -312,7 +368,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer, lr_lambda(config["warmup_steps"], config["max_steps"], config["lr_scheduler_type"])
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    state = load_checkpoint(engine, world) or {"step": 0, "losses": [], "eval_losses": {}}
+    state = load_checkpoint(engine, io, world) or {"step": 0, "losses": [], "eval_losses": {}}
     resumed_from = state["step"]
     shard, eval_shard = config["train"][rank::world], config["eval"][rank::world]
     micro, accum, max_steps = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], config["max_steps"]
@@ -326,12 +382,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for step in range(resumed_from + 1, max_steps + 1):
         step_loss = 0.0
         for _ in range(accum):
-            batch = {k: v.to(engine.device) for k, v in sft_data.collate(next(batches), config["pad_id"]).items()}
+            micro_batch = next(batches)
+            batch = {k: v.to(engine.device) for k, v in sft_data.collate(micro_batch, config["pad_id"]).items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / accum
-            tokens += int((batch["labels"] != sft_data.IGNORE).sum()) * world
+            tokens += sum(len(seq.input_ids) for seq in micro_batch) * world  # non-pad tokens, all workers
         losses.append(step_loss)
         if eval_shard and (step % config["eval_steps"] == 0 or step == max_steps):
             eval_losses[step] = evaluate(engine, eval_shard, micro, config["pad_id"])
@@ -343,16 +400,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"| elapsed {elapsed:.0f}s | eta {eta:.0f}s", flush=True)
         if step % config["save_steps"] == 0 and step < max_steps:
             state = {"step": step, "losses": losses, "eval_losses": eval_losses}
-            save_checkpoint(engine, rank, world, step, state, {"step": step, "loss": step_loss})
+            save_checkpoint(engine, io, rank, world, step, state, {"step": step, "loss": step_loss})
     metrics = {"losses": losses, "eval_losses": eval_losses, "steps": max_steps, "resumed_from_step": resumed_from,
-               "tokens_per_s": tokens / (time.monotonic() - started)}
-    export_model(engine, rank, config["model"], metrics)
+               "tokens_per_s": tokens / (time.monotonic() - started), "peak_rss_mb": peak_rss_per_rank()}
+    export_model(engine, io, rank, config["model"], metrics)
+    return metrics
 
 
-def export_model(engine: Any, rank: int, spec: dict[str, Any], metrics: dict[str, Any]) -> None:
+def export_model(engine: Any, io: Any, rank: int, spec: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Rank 0 rebuilds the model from the full (gathered) weights, merges LoRA, saves safetensors."""
     import deepspeed
-    import ray.train
 
     module = engine.module
     if engine.zero_optimization_stage() == 3:
@@ -361,7 +418,7 @@ def export_model(engine: Any, rank: int, spec: dict[str, Any], metrics: dict[str
     else:
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
     if rank != 0:
-        ray.train.report(metrics)
+        io.report(metrics)
         return
     model = build_model(spec)
     model.load_state_dict(state)
@@ -370,7 +427,18 @@ def export_model(engine: Any, rank: int, spec: dict[str, Any], metrics: dict[str
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         Path(tmp, "metrics.json").write_text(json.dumps(metrics))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        io.report(metrics, tmp)
+
+
+def loop_config(ft: FinetuneConfig, tokenizer: Any, train_seqs: list, eval_seqs: list, bf16: bool) -> dict[str, Any]:
+    """Everything a worker's loop needs, as plain data."""
+    return {
+        "train": train_seqs, "eval": eval_seqs, "pad_id": tokenizer.pad_token_id,
+        "model": model_spec(ft, tokenizer), "deepspeed": deepspeed_config(ft, bf16),
+        "learning_rate": ft.learning_rate, "weight_decay": ft.weight_decay, "warmup_steps": ft.warmup_steps,
+        "lr_scheduler_type": ft.lr_scheduler_type, "max_steps": ft.max_steps, "logging_steps": ft.logging_steps,
+        "eval_steps": ft.eval_steps, "save_steps": ft.save_steps, "seed": ft.seed,
+    }
 
 
 def finished_run(cfg: TunedexConfig, run_name: str) -> FinetuneResult | None:
@@ -420,13 +488,7 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
              stats.loss_tokens)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": train_seqs, "eval": eval_seqs, "pad_id": tokenizer.pad_token_id,
-            "model": model_spec(ft, tokenizer), "deepspeed": deepspeed_config(ft, bf16),
-            "learning_rate": ft.learning_rate, "weight_decay": ft.weight_decay, "warmup_steps": ft.warmup_steps,
-            "lr_scheduler_type": ft.lr_scheduler_type, "max_steps": ft.max_steps, "logging_steps": ft.logging_steps,
-            "eval_steps": ft.eval_steps, "save_steps": ft.save_steps, "seed": ft.seed,
-        },
+        train_loop_config=loop_config(ft, tokenizer, train_seqs, eval_seqs, bf16),
         scaling_config=ray.train.ScalingConfig(
             num_workers=ft.ray.num_workers, use_gpu=ft.ray.use_gpu, resources_per_worker=ft.ray.resources_per_worker
         ),
@@ -453,7 +515,7 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
         output_dir=str(out), run_name=run_name, steps=metrics["steps"], losses=metrics["losses"],
         eval_losses={int(k): v for k, v in metrics["eval_losses"].items()}, tokens_per_s=metrics["tokens_per_s"],
         seconds=round(time.monotonic() - started, 1), examples=stats.examples, truncated=stats.truncated,
-        dropped=stats.dropped, resumed_from_step=metrics["resumed_from_step"],
+        dropped=stats.dropped, resumed_from_step=metrics["resumed_from_step"], peak_rss_mb=metrics["peak_rss_mb"],
     )
     card = {
         "run_name": run_name, "base_model": ft.base_model, "adapter": ft.adapter, "data_file": str(ft.train_file),
