@@ -33,7 +33,7 @@ class LocalIO:
 
     def report(self, metrics, directory=None) -> None:
         if directory:
-            dest = self.root / f"checkpoint_{len(self.saved):03d}"
+            dest = self.root / f"checkpoint_{len(list(self.root.glob('checkpoint_*'))):03d}"
             shutil.copytree(directory, dest)
             self.saved.append(dest)
 
@@ -62,6 +62,10 @@ def main(out: Path, smoke: bool) -> None:
         per_device_train_batch_size=8, learning_rate=3e-4, warmup_steps=10, max_steps=60, save_steps=30,
         eval_ratio=0.05, eval_steps=30, logging_steps=20, bf16=True, ray={"use_gpu": True, "num_workers": 1},
     )
+    if smoke:
+        small = base.tiny.model_copy(update={"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000})
+        base = base.model_copy(update={"tiny": small, "max_length": 256, "max_steps": 6, "save_steps": 3,
+                                       "eval_steps": 3, "warmup_steps": 2})
     tokenizer = ft.prepare_tokenizer(base, rows)
     examples, stats = sft_data.prepare(rows, tokenizer, base.max_length, True, "truncate")
     train, held_out = sft_data.split(examples, base.eval_ratio, 0)

@@ -299,13 +299,13 @@ def evaluate(engine: Any, sequences: list[Any], batch_size: int, pad_id: int) ->
     import torch
     import torch.distributed as dist
 
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # NCCL reduces device tensors only
     engine.eval()
     with torch.no_grad():
         for start in range(0, len(sequences), batch_size):
             batch = {k: v.to(engine.device) for k, v in sft_data.collate(sequences[start : start + batch_size], pad_id).items()}
             n = int((batch["labels"][:, 1:] != sft_data.IGNORE).sum())
-            total += torch.tensor([engine(**batch).loss.item() * n, n], dtype=torch.float64)
+            total += torch.tensor([engine(**batch).loss.item() * n, n], dtype=torch.float64, device=engine.device)
     engine.train()
     dist.all_reduce(total)
     return float(total[0] / max(total[1], 1))
