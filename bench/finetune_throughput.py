@@ -14,21 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 from tunedex.demo_data import write_demo_data
 from tunedex.infra import services
+from tunedex.infra.services import free_port
 from tunedex.infra.config import load_config
 from tunedex.infra.logs import setup_logging
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def baseline(train_file: Path, tokenizer, spec: dict, max_length: int, epochs: float, out: Path) -> dict:

@@ -11,24 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 from tunedex.infra import services
+from tunedex.infra.services import free_port
 from tunedex.infra.config import load_config
 from tunedex.infra.logs import setup_logging
 from tunedex.workers.embed import index_corpus
 
 WORDS = ("kettle lamp chair desk cable warranty refund shipping battery screen speaker mouse keyboard stock "
          "price order invoice repair replace delivery return colour size model series fabric steel oak").split()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_corpus(root: Path, n_docs: int, rng: random.Random) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +13,9 @@ import yaml
 from tunedex.demo_data import write_demo_data
 from tunedex.infra import services
 from tunedex.infra.config import TunedexConfig, load_config
+from tunedex.infra.services import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(path: Path, data_dir: Path, **sections: dict) -> Path:

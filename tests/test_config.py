@@ -73,3 +73,22 @@ def test_overrides_and_empty_file(tmp_path):
         load_config(None, ["finetune.max_steps"])
     with pytest.raises(ConfigError, match="finetune.max_stepz: unknown key; did you mean 'max_steps'"):
         load_config(None, ["finetune.max_stepz=3"])
+
+
+def _keys(model, prefix=""):
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _keys(ann, f"{prefix}{name}.")
+        else:
+            yield prefix, name
+
+
+def test_config_reference_documents_every_key():
+    from tunedex.infra.config import TunedexConfig
+
+    doc = (REPO / "docs" / "config.md").read_text()
+    missing = [f"{p}{k}" for p, k in _keys(TunedexConfig) if f"| `{k}` |" not in doc]
+    assert not missing, f"docs/config.md lacks {missing}"
