@@ -69,19 +69,29 @@ def test_lora_trains_and_merges_into_plain_safetensors(stack):
     AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
 
 
+def registered_checkpoints(run_dir: Path) -> int:
+    try:
+        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
 def test_killed_worker_resumes_from_its_last_complete_checkpoint(stack):
     path, cfg = stack
     name = "killed"
     cmd = [str(Path(sys.executable).parent / "tunedex"), "finetune", str(path), "finetune.max_steps=80",
            "finetune.save_steps=10", "finetune.logging_steps=10", f"finetune.ray.run_name={name}",
            "finetune.ray.max_failures=1"]
+    started = time.time()
     proc = subprocess.Popen(cmd, cwd=path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = cfg.data_dir.resolve() / "ray_results" / name
     deadline = time.monotonic() + 240
     killed = None
     while time.monotonic() < deadline and killed is None and proc.poll() is None:
-        if len([d for d in run_dir.glob("checkpoint_*") if d.is_dir()]) >= 2:
-            workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        if registered_checkpoints(run_dir) >= 1:  # the controller has recorded a complete checkpoint
+            # this run's workers: started after it (an earlier test's may still be exiting)
+            workers = [p for p in psutil.process_iter(["cmdline", "create_time"])
+                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.info["create_time"] > started]
             if workers:
                 killed = workers[-1]
                 killed.kill()
