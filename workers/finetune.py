@@ -22,7 +22,7 @@ from typing import Any
 from tunedex.infra.config import FinetuneConfig, TunedexConfig
 from tunedex.infra.ids import content_hash
 from tunedex.workers import sft_data
-from tunedex.workers.sft_data import DataError, load_examples, render  # noqa: F401 - part of this module's API
+from tunedex.workers.sft_data import DataError, load_examples
 
 log = logging.getLogger(__name__)
 
