@@ -8,19 +8,22 @@ Deployments: `Retriever` (embedder + Milvus hybrid search), `Generator` (the rel
 
 import asyncio
 import hmac
+import json
 import time
+import uuid
+from datetime import datetime
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from tunedex.infra.config import load_config
-from tunedex.serving.prompt import build_messages, source_entries
+from tunedex.serving.prompt import build_chat_messages, build_messages, source_entries
 
 api = FastAPI(title="tunedex", docs_url=None, redoc_url=None)
 OPEN_ROUTES = {"/healthz", "/readyz"}  # probes carry no data; every other route needs the key when one is set
@@ -58,6 +61,67 @@ class QueryRequest(BaseModel):
     mode: Literal["hybrid", "rag", "finetuned", "retrieve"] = "hybrid"
 
 
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=20_000)
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat request; parameters we do not honour are refused by name, not ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+
+
+IGNORED_OPENAI_PARAMS = {"user", "stream_options", "seed"}
+
+
+def openai_error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                                   "param": param, "code": code}}, status_code=status)
+
+
+def openai_request_problem(req: ChatRequest, release: dict) -> JSONResponse | None:
+    unsupported = sorted(set(req.model_extra or {}) - IGNORED_OPENAI_PARAMS)
+    if unsupported:
+        return openai_error(400, f"parameter(s) {', '.join(unsupported)} are not supported by this endpoint",
+                            "unsupported_parameter", unsupported[0])
+    if req.model not in (None, "tunedex", release["release_id"]):
+        return openai_error(404, f"model {req.model!r} is not served here; use {release['release_id']!r} (see /v1/models)",
+                            "model_not_found", "model")
+    if not any(m.role == "user" for m in req.messages):
+        return openai_error(400, "messages need at least one user message", "invalid_messages", "messages")
+    return None
+
+
+def model_card(release: dict) -> dict[str, Any]:
+    created = int(datetime.fromisoformat(release["created_at"]).timestamp())
+    return {"id": release["release_id"], "object": "model", "created": created, "owned_by": "tunedex"}
+
+
+async def sse_chunks(completion_id: str, release: dict, sources: list[dict], pieces: Any):
+    """OpenAI chat.completion.chunk events; the first carries the sources, the stream ends with [DONE]."""
+    base = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": release["release_id"]}
+
+    def event(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    yield event({"role": "assistant", "content": ""}, sources=sources, release_id=release["release_id"])
+    async for piece in pieces:
+        yield event({"content": piece})
+    yield event({}, "stop")
+    yield "data: [DONE]\n\n"
+
+
 @serve.deployment(name="Retriever", ray_actor_options={"num_cpus": 0.5})
 class Retriever:
     def __init__(self, args: ServeArgs, collection: str):
@@ -90,36 +154,65 @@ class Generator:
         self.model.eval()
         self.max_new_tokens = max_new_tokens
 
-    def _generate(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+    def _generate_kwargs(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         limit = getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings")
-        room = max(1, min(max_new_tokens, limit // 4))
+        room = max(1, min(sampling.get("max_new_tokens") or self.max_new_tokens, limit // 4))
         input_ids = enc["input_ids"][:, -(limit - room):]  # keep the end: the question and the assistant turn
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=room,
-                do_sample=False, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-            )
-        return self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+        temperature = sampling.get("temperature") or 0.0
+        extra = {"do_sample": True, "temperature": temperature, "top_p": sampling.get("top_p") or 1.0} \
+            if temperature > 0 else {"do_sample": False}
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "max_new_tokens": room,
+                "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id, **extra}
 
-    async def generate(self, messages: list[dict[str, str]], max_new_tokens: int | None = None) -> str:
-        return await asyncio.to_thread(self._generate, messages, max_new_tokens or self.max_new_tokens)
+    def _generate(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> str:
+        import torch
+
+        kwargs = self._generate_kwargs(messages, sampling)
+        with torch.no_grad():
+            out = self.model.generate(**kwargs)
+        return self.tokenizer.decode(out[0, kwargs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    async def generate(self, messages: list[dict[str, str]], sampling: dict[str, Any] | None = None) -> str:
+        return await asyncio.to_thread(self._generate, messages, sampling or {})
+
+    async def stream(self, messages: list[dict[str, str]], sampling: dict[str, Any] | None = None):
+        """Text pieces as the model produces them (call through a handle with `stream=True`)."""
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = self._generate_kwargs(messages, sampling or {})
+
+        def run() -> None:
+            with torch.no_grad():
+                self.model.generate(**kwargs, streamer=streamer)
+
+        threading.Thread(target=run, daemon=True).start()
+        pieces = iter(streamer)
+        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+            if piece:
+                yield piece
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(api)
 class Ingress:
     def __init__(
-        self, retriever: DeploymentHandle, generator: DeploymentHandle, release: dict, top_k: int, api_key: str | None
+        self, retriever: DeploymentHandle, generator: DeploymentHandle, release: dict, top_k: int,
+        api_key: str | None, max_new_tokens: int,
     ):
         api.state.api_key = api_key
         self.retriever = retriever
         self.generator = generator
         self.release = release
         self.top_k = top_k
+        self.max_new_tokens = max_new_tokens
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -128,6 +221,35 @@ class Ingress:
     @api.get("/readyz")
     async def readyz(self) -> dict[str, str]:
         return {"status": "ready", "release_id": self.release["release_id"]}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(self.release)]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatRequest):
+        if problem := openai_request_problem(req, self.release):
+            return problem
+        question = next(m.content for m in reversed(req.messages) if m.role == "user")
+        try:
+            hits = await self.retriever.retrieve.remote(question, self.top_k, "")
+        except Exception:
+            return openai_error(503, "retrieval is unavailable; try again shortly", "service_unavailable")
+        messages = build_chat_messages([m.model_dump() for m in req.messages], [h.text for h in hits])
+        sampling = {"max_new_tokens": min(req.max_completion_tokens or req.max_tokens or self.max_new_tokens,
+                                          self.max_new_tokens),
+                    "temperature": req.temperature, "top_p": req.top_p}
+        sources = source_entries(hits)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            pieces = self.generator.options(stream=True).stream.remote(messages, sampling)
+            return StreamingResponse(sse_chunks(completion_id, self.release, sources, pieces),
+                                     media_type="text/event-stream")
+        answer = await self.generator.generate.remote(messages, sampling)
+        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
+                "model": self.release["release_id"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+                "sources": sources, "release_id": self.release["release_id"]}
 
     @api.post("/v1/query")
     async def query(self, req: QueryRequest) -> dict[str, Any]:
@@ -146,7 +268,7 @@ class Ingress:
         if req.mode != "retrieve":
             contexts = [h.text for h in hits] if req.mode in ("hybrid", "rag") else []
             gen_started = time.perf_counter()
-            answer = await self.generator.generate.remote(build_messages(req.question, contexts))
+            answer = await self.generator.generate.remote(build_messages(req.question, contexts), {})
             timings["generate"] = round((time.perf_counter() - gen_started) * 1000, 2)
         timings["total"] = round((time.perf_counter() - started) * 1000, 2)
         return {"answer": answer, "sources": source_entries(hits), "release_id": self.release["release_id"],
@@ -165,4 +287,5 @@ def build_app(args: ServeArgs) -> serve.Application:
     check_model_dir(Path(release.model_path))
     retriever = Retriever.bind(args, release.collection)
     generator = Generator.bind(release.model_path, cfg.serve.max_new_tokens)
-    return Ingress.bind(retriever, generator, asdict(release), cfg.serve.top_k, cfg.serve.api_key)
+    return Ingress.bind(retriever, generator, asdict(release), cfg.serve.top_k, cfg.serve.api_key,
+                        cfg.serve.max_new_tokens)

@@ -18,6 +18,14 @@ def build_messages(question: str, contexts: Sequence[str]) -> list[dict[str, str
     ]
 
 
+def build_chat_messages(messages: list[dict[str, str]], contexts: Sequence[str]) -> list[dict[str, str]]:
+    """A client's conversation with our system turn (and the retrieved context) in front of it."""
+    system = "\n".join([SYSTEM_PROMPT, *(m["content"] for m in messages if m["role"] == "system")])
+    if contexts:
+        system += "\nContext:\n" + "\n".join(f"[{i}] {text}" for i, text in enumerate(contexts, 1))
+    return [{"role": "system", "content": system}, *(m for m in messages if m["role"] != "system")]
+
+
 def source_entries(hits: Sequence[Any]) -> list[dict[str, Any]]:
     """`sources[n-1]` is the chunk the answer's `[n]` marker refers to."""
     return [

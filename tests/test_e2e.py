@@ -127,3 +127,34 @@ def test_bad_inputs_fail_with_clear_messages(pipeline, tmp_path):
     train.write_text('{"text": "ok"}\nnot json\n')
     proc = run_cli("finetune", path, f"finetune.train_file={train}", cwd=cwd, check=False)
     assert proc.returncode == 1 and "line 2:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_openai_client_chat_streaming_models_and_errors(pipeline):
+    import openai
+
+    cfg = pipeline["cfg"]
+    client = openai.OpenAI(base_url=f"{cfg.serve.url}/v1", api_key="test-key-123", max_retries=0, timeout=60)
+    release = client.models.list().data[0].id
+    assert release.startswith("rel-")
+
+    done = client.chat.completions.create(model=release, max_tokens=16,
+                                          messages=[{"role": "user", "content": "When is shipping free?"}])
+    assert done.model == release and done.choices[0].message.role == "assistant"
+    assert isinstance(done.choices[0].message.content, str)
+    sources = done.model_extra["sources"]  # kept by the client as an extra field
+    assert sources[0]["doc_id"] == "policies.jsonl#policy-shipping" and sources[0]["index"] == 1
+
+    chunks = list(client.chat.completions.create(model=release, stream=True, max_tokens=16,
+                                                 messages=[{"role": "user", "content": "When is shipping free?"}]))
+    assert chunks[0].model_extra["sources"][0]["doc_id"] == "policies.jsonl#policy-shipping"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed.strip() == done.choices[0].message.content  # greedy: the same text, streamed
+
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model=release, messages=[{"role": "user", "content": "hi"}],
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{cfg.serve.url}/v1", api_key="wrong", max_retries=0).models.list()
