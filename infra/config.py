@@ -199,6 +199,8 @@ class ServeConfig(Section):
     top_k: int = Field(4, ge=1, le=100)
     max_new_tokens: int = Field(64, ge=1, le=4096)
     api_key: str | None = Field(None, description="Bearer key every non-health route requires")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    max_prompt_chars: int = Field(16_000, ge=100, description="longer chat prompts (all messages) get 422")
 
     @property
     def url(self) -> str:

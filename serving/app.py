@@ -35,6 +35,47 @@ def authorized(header: str | None, key: str) -> bool:
     return scheme == "Bearer" and hmac.compare_digest(token.encode(), key.encode())
 
 
+class BodyLimit:
+    """413 for a body over `serve.max_body_bytes`: by its Content-Length before reading, or as it streams in."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        app = scope.get("app")  # Starlette puts itself here before running its middleware
+        limit = getattr(app.state, "max_body_bytes", None) if scope["type"] == "http" and app is not None else None
+        if not limit:
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        too_large = JSONResponse({"error": {"message": f"request body is over {limit} bytes (serve.max_body_bytes)",
+                                            "type": "invalid_request_error", "code": "body_too_large"}},
+                                 status_code=413)
+        if declared.isdigit() and int(declared) > limit:
+            return await too_large(scope, receive, send)
+        received, answered = 0, False
+
+        async def counted() -> dict:
+            # Over the limit: answer 413 now and tell the app the client left (FastAPI would turn
+            # an exception raised while it reads the body into a 400).
+            nonlocal received, answered
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit and not answered:
+                answered = True
+                await too_large(scope, receive, send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def send_unless_answered(message: dict) -> None:
+            if not answered:
+                await send(message)
+
+        await self.app(scope, counted, send_unless_answered)
+
+
+api.add_middleware(BodyLimit)
+
+
 @api.middleware("http")
 async def require_api_key(request: Request, call_next):
     key = getattr(request.app.state, "api_key", None)
@@ -205,9 +246,11 @@ class Generator:
 class Ingress:
     def __init__(
         self, retriever: DeploymentHandle, generator: DeploymentHandle, release: dict, top_k: int,
-        api_key: str | None, max_new_tokens: int,
+        api_key: str | None, max_new_tokens: int, limits: dict[str, int],
     ):
         api.state.api_key = api_key
+        api.state.max_body_bytes = limits["max_body_bytes"]
+        self.max_prompt_chars = limits["max_prompt_chars"]
         self.retriever = retriever
         self.generator = generator
         self.release = release
@@ -230,6 +273,10 @@ class Ingress:
     async def chat_completions(self, req: ChatRequest):
         if problem := openai_request_problem(req, self.release):
             return problem
+        prompt_chars = sum(len(m.content) for m in req.messages)
+        if prompt_chars > self.max_prompt_chars:
+            return openai_error(422, f"the messages hold {prompt_chars} characters, over serve.max_prompt_chars="
+                                     f"{self.max_prompt_chars}; shorten the conversation", "prompt_too_long", "messages")
         question = next(m.content for m in reversed(req.messages) if m.role == "user")
         try:
             hits = await self.retriever.retrieve.remote(question, self.top_k, "")
@@ -287,5 +334,6 @@ def build_app(args: ServeArgs) -> serve.Application:
     check_model_dir(Path(release.model_path))
     retriever = Retriever.bind(args, release.collection)
     generator = Generator.bind(release.model_path, cfg.serve.max_new_tokens)
+    limits = {"max_body_bytes": cfg.serve.max_body_bytes, "max_prompt_chars": cfg.serve.max_prompt_chars}
     return Ingress.bind(retriever, generator, asdict(release), cfg.serve.top_k, cfg.serve.api_key,
-                        cfg.serve.max_new_tokens)
+                        cfg.serve.max_new_tokens, limits)
