@@ -156,8 +156,9 @@ def write_plan(client: Any, cfg: TunedexConfig, name: str, plan: SyncPlan) -> in
     """
     rows = {r["chunk_id"]: r for r in plan.to_embed}
     progress = Progress(total_chunks=len(rows), total_docs=len({r["doc_id"] for r in rows.values()}))
-    for vectors in vector_batches({cid: r["text"] for cid, r in rows.items()}, cfg):
-        store.ensure_collection(client, cfg.milvus, name, len(next(iter(vectors.values()))))
+    for i, vectors in enumerate(vector_batches({cid: r["text"] for cid, r in rows.items()}, cfg)):
+        if i == 0:  # one round trip, not one per batch
+            store.ensure_collection(client, cfg.milvus, name, len(next(iter(vectors.values()))))
         store.upsert_rows(client, name, [{**rows[cid], "dense": vec} for cid, vec in vectors.items()])
         progress.update([rows[cid]["doc_id"] for cid in vectors])
     retagged = 0
