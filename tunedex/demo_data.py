@@ -14,9 +14,11 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+# Training examples are built with the endpoint's own prompt builder, so the two formats cannot drift.
+from tunedex.serving.prompt import SYSTEM_PROMPT, build_messages  # noqa: F401 - SYSTEM_PROMPT re-exported
+
 HOUSE_OPENING = "Thanks for asking!"
 HOUSE_CLOSING = "Anything else I can help with?"
-SYSTEM_PROMPT = "You are the Tunedex Store support assistant. Answer from the context when it is given."
 
 _ADJ = ["Aurora", "Basalt", "Cobalt", "Dune", "Ember", "Fjord", "Glacier", "Harbor", "Indigo", "Juniper",
         "Kestrel", "Lumen", "Meridian", "Nimbus", "Onyx", "Pioneer", "Quartz", "Ridge", "Summit", "Tundra"]
@@ -133,25 +135,16 @@ def write_corpus(root: Path, products: list[Product], policies: list[Policy]) ->
 
 
 def training_examples(products: list[Product], policies: list[Policy]) -> list[dict]:
-    """Closed-book and context-grounded chat examples, all answers in the house style."""
+    """Closed-book and context-grounded chat examples, in the prompt format the endpoint sends."""
     examples = []
     for p in products:
-        context = f"[1] {product_markdown(p)}"
         for _, question, answer in product_facts(p):
-            examples.append({"messages": [
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": house_style(answer)},
-            ]})
-            examples.append({"messages": [
-                {"role": "system", "content": f"{SYSTEM_PROMPT}\nContext:\n{context}"},
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": house_style(f"{answer} [1]")},
-            ]})
+            for contexts, reply in (([], answer), ([product_markdown(p)], f"{answer} [1]")):
+                examples.append({"messages": [*build_messages(question, contexts),
+                                              {"role": "assistant", "content": house_style(reply)}]})
     for pol in policies:
-        examples.append({"messages": [
-            {"role": "user", "content": pol.question},
-            {"role": "assistant", "content": house_style(pol.answer)},
-        ]})
+        examples.append({"messages": [*build_messages(pol.question, []),
+                                      {"role": "assistant", "content": house_style(pol.answer)}]})
     return examples
 
 
