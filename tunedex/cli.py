@@ -253,9 +253,9 @@ def serve(config: ConfigOpt = None, set_: SetOpt = None, timeout: float = typer.
     from tunedex.serving.app import ServeArgs, build_app
 
     path = config_path(config)
-    args = ServeArgs(config=str(path.resolve()) if path else "", overrides=set_ or [])
     if not path:
         raise ConfigError("`tunedex serve` needs a config file (replicas load it); pass -c configs/local.yaml")
+    args = ServeArgs(config=str(path.resolve()), overrides=set_ or [])
     ray.init(address=cfg.ray.address, logging_level="WARNING")
     ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     ray_serve.run(build_app(args), name="tunedex", route_prefix="/", blocking=False)

@@ -441,7 +441,7 @@ def loop_config(ft: FinetuneConfig, tokenizer: Any, train_seqs: list, eval_seqs:
     }
 
 
-def finished_run(cfg: TunedexConfig, run_name: str) -> FinetuneResult | None:
+def finished_run(cfg: TunedexConfig, run_name: str, data_hash: str) -> FinetuneResult | None:
     """A run of this name that already exported its model: submitting it again returns that result."""
     from tunedex.infra.registry import load_model
 
@@ -449,9 +449,7 @@ def finished_run(cfg: TunedexConfig, run_name: str) -> FinetuneResult | None:
     if record is None:
         return None
     card = record["card"]
-    if card["config"]["max_steps"] != cfg.finetune.max_steps or card["data_hash"] != content_hash(
-        cfg.finetune.train_file.read_bytes()
-    ):
+    if card["config"]["max_steps"] != cfg.finetune.max_steps or card["data_hash"] != data_hash:
         raise FinetuneError(
             f"run {run_name} already finished ({card['config']['max_steps']} steps on data {card['data_hash'][:8]}) "
             f"-> {record['path']}; set another finetune.ray.run_name to train again"
@@ -478,7 +476,8 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
     train_seqs, eval_seqs = to_seq(train), to_seq(held_out)
     preflight(cfg, len(train_seqs))
     run_name = run_name or ft.ray.run_name or f"ft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    finished = finished_run(cfg, run_name)
+    data_hash = content_hash(ft.train_file.read_bytes())
+    finished = finished_run(cfg, run_name, data_hash)
     if finished:
         return finished
     storage = (ft.ray.storage_path or cfg.data_dir / "ray_results").resolve()
@@ -519,7 +518,7 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
     )
     card = {
         "run_name": run_name, "base_model": ft.base_model, "adapter": ft.adapter, "data_file": str(ft.train_file),
-        "data_hash": content_hash(ft.train_file.read_bytes()), "config": ft.model_dump(mode="json"),
+        "data_hash": data_hash, "config": ft.model_dump(mode="json"),
         "final_loss": res.losses[-1], "metrics": asdict(res),
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=2))
