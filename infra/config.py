@@ -93,6 +93,7 @@ class RayConfig(Section):
     dashboard_port: int = Field(8265, ge=1, le=65535)
     client_server_port: int = Field(10001, ge=1, le=65535, description="Ray Client (ray://) port of the local head")
     num_cpus: int | None = Field(4, ge=1, description="logical CPUs the local head advertises")
+    metrics_export_port: int = Field(8080, ge=1, le=65535, description="Prometheus metrics of the local head (Serve's and tunedex's)")
     auth_token_path: Path | None = Field(None, description="Ray auth token file; default DATA_DIR/ray_auth_token")
 
     @property
@@ -193,6 +194,12 @@ class FinetuneConfig(Section):
     ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
 
 
+SERVE_DEPLOYMENTS = ("Ingress", "Release", "Retriever", "Generator", "BaseGenerator")
+SERVE_OPTIONS = {"num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests",
+                 "ray_actor_options", "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s",
+                 "health_check_period_s", "health_check_timeout_s"}
+
+
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -201,6 +208,25 @@ class ServeConfig(Section):
     api_key: str | None = Field(None, description="Bearer key every non-health route requires")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     max_prompt_chars: int = Field(16_000, ge=100, description="longer chat prompts (all messages) get 422")
+    max_batch_size: int = Field(16, ge=1, le=256, description="concurrent generations gathered into one batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5, description="how long a batch waits to fill")
+    serve_base_model: bool = Field(False, description="also load the release's base model, for `mode: rag`")
+    deployments: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Ray Serve options per deployment (Ingress, Release, Retriever, Generator, BaseGenerator)",
+    )
+
+    @field_validator("deployments")
+    @classmethod
+    def _serve_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, options in value.items():
+            if name not in SERVE_DEPLOYMENTS:
+                raise ValueError(f"unknown deployment {name!r}; expected one of {', '.join(SERVE_DEPLOYMENTS)}")
+            unknown = sorted(set(options) - SERVE_OPTIONS)
+            if unknown:
+                raise ValueError(f"{name}: {', '.join(unknown)} is not a Ray Serve deployment option this endpoint "
+                                 f"passes on; use {', '.join(sorted(SERVE_OPTIONS))}")
+        return value
 
     @property
     def url(self) -> str:

@@ -30,6 +30,7 @@ class Release:
     embedding_model: str
     created_at: str
     eval_report: dict[str, Any] = field(default_factory=dict)
+    base_model: str = ""  # what the model was fine-tuned from (a dir or hub id), for `mode: rag`
 
 
 def check_model_dir(path: Path) -> None:
@@ -43,6 +44,14 @@ def check_model_dir(path: Path) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         if not (path / name).is_file():
             raise RegistryError(f"model dir {path} has no {name}; it is not a complete exported model")
+    from safetensors import safe_open
+
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as fh:  # reads the header only
+                fh.keys()
+        except Exception as exc:
+            raise RegistryError(f"model weights {weights} are unreadable ({exc}); re-export the model") from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -55,7 +64,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def new_release(model_path: Path, collection: str, embedding_model: str, eval_report: dict | None = None) -> Release:
+def new_release(model_path: Path, collection: str, embedding_model: str, eval_report: dict | None = None,
+                base_model: str = "") -> Release:
     now = datetime.now(timezone.utc)
     digest = content_hash(f"{model_path.resolve()}|{collection}|{now.isoformat()}")[:6]
     return Release(
@@ -65,6 +75,7 @@ def new_release(model_path: Path, collection: str, embedding_model: str, eval_re
         embedding_model=embedding_model,
         created_at=now.isoformat(timespec="seconds"),
         eval_report=eval_report or {},
+        base_model=base_model,
     )
 
 
@@ -118,12 +129,17 @@ def current_release(root: Path) -> Release | None:
     return load_release(root, json.loads(path.read_text(encoding="utf-8"))["release_id"])
 
 
-def rollback(root: Path) -> Release:
-    """Promote the release that was current before the current one."""
+def previous_release(root: Path) -> Release:
+    """The release that was current before the current one (what `rollback` serves again)."""
     history = _history(root)
     if len(history) < 2:
         raise RegistryError("nothing to roll back to: fewer than two promotions are recorded")
-    previous = load_release(root, history[-2])
+    return load_release(root, history[-2])
+
+
+def rollback(root: Path) -> Release:
+    """Promote the release that was current before the current one."""
+    previous = previous_release(root)
     promote(root, previous)
     return previous
 

@@ -155,11 +155,11 @@ def start_ray(cfg: TunedexConfig, timeout: float = 90.0) -> ServiceStatus:
     host, port = cfg.ray.address.rsplit(":", 1)[0], cfg.ray.port
     if (cfg.run_dir / "ray.started").exists() and port_open(host, port):
         return ray_status(cfg)
-    for taken in (port, cfg.ray.dashboard_port, cfg.ray.client_server_port):
+    for taken in (port, cfg.ray.dashboard_port, cfg.ray.client_server_port, cfg.ray.metrics_export_port):
         if port_open(host, taken):
             raise ServiceError(
                 f"port {taken} is taken by another process (another Ray?); stop it (`ray stop`), "
-                "or set ray.address / ray.dashboard_port / ray.client_server_port to free ports"
+                "or set ray.address / ray.dashboard_port / ray.client_server_port / ray.metrics_export_port to free ports"
             )
     ensure_ray_token(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +167,7 @@ def start_ray(cfg: TunedexConfig, timeout: float = 90.0) -> ServiceStatus:
         _bin("ray"), "start", "--head", "--port", str(port),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(cfg.ray.dashboard_port),
         "--ray-client-server-port", str(cfg.ray.client_server_port),
+        "--metrics-export-port", str(cfg.ray.metrics_export_port),
         "--disable-usage-stats",
     ]
     if cfg.ray.num_cpus:

@@ -1,8 +1,16 @@
 """The hybrid endpoint: retrieve from the release's collection, generate with its model, cite sources.
 
-A normal Ray Serve application: `serve run tunedex.serving.app:build_app config=configs/local.yaml`.
-Deployments: `Retriever` (embedder + Milvus hybrid search), `Generator` (the release's model),
-`Ingress` (FastAPI routes).
+Two kinds of Ray Serve application:
+- one application per loaded release, named by its release id (`build_release_app`): `Retriever`
+  (embedder + Milvus hybrid search on the release's collection), `Generator` (the release's model,
+  `@serve.batch`-ed), `BaseGenerator` (the base model, only with `serve.serve_base_model`) and `Release`,
+  which answers a question end to end with that release only;
+- `tunedex` (`build_app`): the `Ingress` with the HTTP routes (OpenAI-compatible, /v1/query, probes).
+
+Release swap (`serving/control.py`): the new release's application is deployed beside the serving one
+and becomes ready (model loaded), then the registry's `current.json` is switched. Each Ingress replica
+re-reads that pointer (at most every `POLL_S`) and moves its one `active` reference; every request reads
+that reference once, at its start, so in-flight requests finish on the release they started on.
 """
 
 
@@ -22,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from tunedex.infra.config import load_config
-from tunedex.serving.prompt import build_chat_messages, build_messages, source_entries
+from tunedex.infra.config import TunedexConfig, load_config
+from tunedex.serving.generation import Prompt, Sampling
+from tunedex.serving.prompt import build_chat_messages, build_messages, context_block, source_entries
 
 api = FastAPI(title="tunedex", docs_url=None, redoc_url=None)
 OPEN_ROUTES = {"/healthz", "/readyz"}  # probes carry no data; every other route needs the key when one is set
@@ -121,7 +130,21 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
+class CompletionRequest(BaseModel):
+    """OpenAI's (legacy) completion request: raw text in, continuation out; one prompt per request."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+
+
 IGNORED_OPENAI_PARAMS = {"user", "stream_options", "seed"}
+POLL_S = 0.25  # how often an Ingress replica re-reads the registry's pointer to the promoted release
 
 
 def openai_error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
@@ -129,16 +152,19 @@ def openai_error(status: int, message: str, code: str, param: str | None = None)
                                    "param": param, "code": code}}, status_code=status)
 
 
-def openai_request_problem(req: ChatRequest, release: dict) -> JSONResponse | None:
+def openai_request_problem(req: ChatRequest | CompletionRequest, release_id: str) -> JSONResponse | None:
     unsupported = sorted(set(req.model_extra or {}) - IGNORED_OPENAI_PARAMS)
     if unsupported:
         return openai_error(400, f"parameter(s) {', '.join(unsupported)} are not supported by this endpoint",
                             "unsupported_parameter", unsupported[0])
-    if req.model not in (None, "tunedex", release["release_id"]):
-        return openai_error(404, f"model {req.model!r} is not served here; use {release['release_id']!r} (see /v1/models)",
+    if req.model not in (None, "tunedex", release_id):
+        return openai_error(404, f"model {req.model!r} is not served here; use {release_id!r} (see /v1/models)",
                             "model_not_found", "model")
-    if not any(m.role == "user" for m in req.messages):
+    if isinstance(req, ChatRequest) and not any(m.role == "user" for m in req.messages):
         return openai_error(400, "messages need at least one user message", "invalid_messages", "messages")
+    if isinstance(req, CompletionRequest) and isinstance(req.prompt, list) and len(req.prompt) != 1:
+        return openai_error(400, "send one prompt per request (a list of prompts is not supported)", "invalid_prompt",
+                            "prompt")
     return None
 
 
@@ -147,25 +173,70 @@ def model_card(release: dict) -> dict[str, Any]:
     return {"id": release["release_id"], "object": "model", "created": created, "owned_by": "tunedex"}
 
 
-async def sse_chunks(completion_id: str, release: dict, sources: list[dict], pieces: Any):
-    """OpenAI chat.completion.chunk events; the first carries the sources, the stream ends with [DONE]."""
-    base = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": release["release_id"]}
+async def sse_events(kind: str, completion_id: str, head: dict[str, Any], pieces: Any):
+    """OpenAI chunk events (`chat` or `text` completions) from a `Release.stream`: its first item (`head`)
+    carries the sources and release id, which go on the first event; the stream ends with [DONE]."""
+    release_id = head["release_id"]
+    base = {"id": completion_id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": release_id}
 
-    def event(delta: dict, finish: str | None = None, **extra: Any) -> str:
-        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(chunk)}\n\n"
+    def event(text: str | None, finish: str | None = None, **extra: Any) -> str:
+        if kind == "chat":
+            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return f"data: {json.dumps({**base, 'choices': [choice], **extra})}\n\n"
 
-    yield event({"role": "assistant", "content": ""}, sources=sources, release_id=release["release_id"])
+    yield event(None, sources=head["sources"], release_id=release_id)
     async for piece in pieces:
-        yield event({"content": piece})
-    yield event({}, "stop")
+        yield event(piece)
+    yield event("", "stop")
     yield "data: [DONE]\n\n"
 
 
-@serve.deployment(name="Retriever", ray_actor_options={"num_cpus": 0.5})
+METRICS: dict[str, Any] = {}
+
+
+def metrics() -> dict[str, Any]:
+    """Application metrics, exported by Ray next to Serve's own (`ray_tunedex_*` on each node's metrics port)."""
+    if not METRICS:
+        from ray.serve import metrics as m
+
+        tags = ("route", "status", "release_id", "mode")
+        METRICS["requests"] = m.Counter("tunedex_requests", description="requests by route, status, release, mode",
+                                        tag_keys=tags)
+        METRICS["errors"] = m.Counter("tunedex_request_errors", description="4xx/5xx answers by route and status",
+                                      tag_keys=tags)
+        METRICS["latency"] = m.Histogram(
+            "tunedex_request_latency_ms", description="time to the response head, by route",
+            boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000], tag_keys=tags)
+    return METRICS
+
+
+@api.middleware("http")
+async def record_metrics(request: Request, call_next):
+    started = time.perf_counter()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    tags = {"route": getattr(route, "path", "unmatched"), "status": str(response.status_code),
+            "release_id": getattr(request.state, "release_id", ""), "mode": getattr(request.state, "mode", "")}
+    m = metrics()
+    m["requests"].inc(tags=tags)
+    if response.status_code >= 400:
+        m["errors"].inc(tags=tags)
+    m["latency"].observe((time.perf_counter() - started) * 1000, tags=tags)
+    return response
+
+
+def deployment_options(cfg: TunedexConfig, name: str, **defaults: Any) -> dict[str, Any]:
+    """Serve's own deployment options: our defaults, then `serve.deployments.<name>` from the config."""
+    return {**defaults, **cfg.serve.deployments.get(name, {})}
+
+
+@serve.deployment(name="Retriever")
 class Retriever:
-    def __init__(self, args: ServeArgs, collection: str):
+    def __init__(self, args: "ServeArgs", collection: str):
         from tunedex.infra import store
         from tunedex.infra.embedding import load_embedder
 
@@ -185,50 +256,36 @@ class Retriever:
         )
 
 
-@serve.deployment(name="Generator", ray_actor_options={"num_cpus": 1})
+@serve.deployment(name="Generator")
 class Generator:
-    def __init__(self, model_path: str, max_new_tokens: int):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """One model; concurrent `generate` calls are gathered into batches (`serve.max_batch_size`)."""
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True, trust_remote_code=False)
-        self.model.eval()
+    def __init__(self, model_path: str, max_new_tokens: int, max_batch_size: int, batch_wait_timeout_s: float):
+        from tunedex.serving.generation import load_generator
+
+        self.model, self.tokenizer = load_generator(model_path)
         self.max_new_tokens = max_new_tokens
+        self.generate.set_max_batch_size(max_batch_size)
+        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    def _generate_kwargs(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> dict[str, Any]:
-        import torch
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def generate(self, prompts: list[Prompt], samplings: list[Sampling]) -> list[str]:
+        from tunedex.serving.generation import generate_batch
 
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        limit = getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings")
-        room = max(1, min(sampling.get("max_new_tokens") or self.max_new_tokens, limit // 4))
-        input_ids = enc["input_ids"][:, -(limit - room):]  # keep the end: the question and the assistant turn
-        temperature = sampling.get("temperature") or 0.0
-        extra = {"do_sample": True, "temperature": temperature, "top_p": sampling.get("top_p") or 1.0} \
-            if temperature > 0 else {"do_sample": False}
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "max_new_tokens": room,
-                "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id, **extra}
+        return await asyncio.to_thread(generate_batch, self.model, self.tokenizer, prompts, samplings,
+                                       self.max_new_tokens)
 
-    def _generate(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> str:
-        import torch
-
-        kwargs = self._generate_kwargs(messages, sampling)
-        with torch.no_grad():
-            out = self.model.generate(**kwargs)
-        return self.tokenizer.decode(out[0, kwargs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-    async def generate(self, messages: list[dict[str, str]], sampling: dict[str, Any] | None = None) -> str:
-        return await asyncio.to_thread(self._generate, messages, sampling or {})
-
-    async def stream(self, messages: list[dict[str, str]], sampling: dict[str, Any] | None = None):
+    async def stream(self, prompt: Prompt, sampling: Sampling):
         """Text pieces as the model produces them (call through a handle with `stream=True`)."""
         import threading
 
         import torch
         from transformers import TextIteratorStreamer
 
+        from tunedex.serving.generation import stream_kwargs
+
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = self._generate_kwargs(messages, sampling or {})
+        kwargs = stream_kwargs(self.model, self.tokenizer, prompt, sampling, self.max_new_tokens)
 
         def run() -> None:
             with torch.no_grad():
@@ -241,99 +298,272 @@ class Generator:
                 yield piece
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1})
-@serve.ingress(api)
-class Ingress:
-    def __init__(
-        self, retriever: DeploymentHandle, generator: DeploymentHandle, release: dict, top_k: int,
-        api_key: str | None, max_new_tokens: int, limits: dict[str, int],
-    ):
-        api.state.api_key = api_key
-        api.state.max_body_bytes = limits["max_body_bytes"]
-        self.max_prompt_chars = limits["max_prompt_chars"]
+class RequestProblem(Exception):
+    """A request this release cannot answer as asked (bad filter, a mode without its model): a 4xx."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"error": {"status": self.status, "message": str(self)}}
+
+
+@serve.deployment(name="Release")
+class Release:
+    """One release end to end: retrieval from its collection, generation with its model, its sources."""
+
+    def __init__(self, release: dict, retriever: DeploymentHandle, generator: DeploymentHandle,
+                 base_generator: DeploymentHandle | None, top_k: int):
+        self.release = release
         self.retriever = retriever
         self.generator = generator
-        self.release = release
+        self.base_generator = base_generator
         self.top_k = top_k
-        self.max_new_tokens = max_new_tokens
+
+    async def info(self) -> dict[str, Any]:
+        return self.release
+
+    async def _retrieve(self, question: str, top_k: int | None, filters: str) -> list[Any]:
+        try:
+            return await self.retriever.retrieve.remote(question, top_k or self.top_k, filters)
+        except Exception as exc:
+            if filters and ("filter" in str(exc).lower() or "expr" in str(exc).lower()):
+                raise RequestProblem(422, f"filters {filters!r} is not a valid Milvus expression") from None
+            raise
+
+    def _model(self, mode: str) -> DeploymentHandle:
+        if mode != "rag":
+            return self.generator
+        if self.base_generator is None:
+            raise RequestProblem(400, "mode 'rag' needs the release's base model loaded; set serve.serve_base_model: "
+                                      "true (and promote a model whose card names its base) or use mode 'hybrid'")
+        return self.base_generator
+
+    async def answer(self, question: str, mode: str, top_k: int | None, filters: str) -> dict[str, Any]:
+        """`/v1/query`: hybrid = fine-tuned + retrieval, rag = base + retrieval, finetuned = no retrieval.
+        A request problem comes back as `{"error": {status, message}}` (plain data crosses handles cleanly)."""
+        started = time.perf_counter()
+        try:
+            model = self._model(mode) if mode != "retrieve" else None
+            hits = await self._retrieve(question, top_k, filters) if mode != "finetuned" else []
+        except RequestProblem as exc:
+            return exc.as_dict()
+        timings = {"retrieve": round((time.perf_counter() - started) * 1000, 2)}
+        answer = ""
+        if model is not None:
+            contexts = [h.text for h in hits] if mode in ("hybrid", "rag") else []
+            gen_started = time.perf_counter()
+            answer = await model.generate.remote(build_messages(question, contexts), Sampling())
+            timings["generate"] = round((time.perf_counter() - gen_started) * 1000, 2)
+        timings["total"] = round((time.perf_counter() - started) * 1000, 2)
+        return {"answer": answer, "sources": source_entries(hits), "release_id": self.release["release_id"],
+                "mode": mode, "timings_ms": timings}
+
+    async def _prompt(self, kind: str, payload: Any) -> tuple[Prompt, list[dict]]:
+        if kind == "chat":
+            question = next(m["content"] for m in reversed(payload) if m["role"] == "user")
+            hits = await self._retrieve(question, None, "")
+            return build_chat_messages(payload, [h.text for h in hits]), source_entries(hits)
+        hits = await self._retrieve(payload, None, "")
+        return f"{context_block([h.text for h in hits])}\n\n{payload}" if hits else payload, source_entries(hits)
+
+    async def complete(self, kind: str, payload: Any, sampling: Sampling) -> dict[str, Any]:
+        """OpenAI routes: `chat` (messages) or `text` (a raw prompt), retrieval on the question."""
+        try:
+            prompt, sources = await self._prompt(kind, payload)
+        except RequestProblem as exc:
+            return exc.as_dict()
+        text = await self.generator.generate.remote(prompt, sampling)
+        return {"text": text, "sources": sources, "release_id": self.release["release_id"]}
+
+    async def stream(self, kind: str, payload: Any, sampling: Sampling):
+        """First the sources and release id (or an error), then the text pieces."""
+        try:
+            prompt, sources = await self._prompt(kind, payload)
+        except RequestProblem as exc:
+            yield exc.as_dict()
+            return
+        yield {"sources": sources, "release_id": self.release["release_id"]}
+        async for piece in self.generator.options(stream=True).stream.remote(prompt, sampling):
+            yield piece
+
+
+class ReleaseArgs(ServeArgs):
+    """Arguments of `build_release_app`; no `release_id` = the promoted one."""
+
+    release_id: str | None = None
+
+
+class Active(BaseModel):
+    """The release an Ingress replica routes new requests to."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    release: dict[str, Any]
+    handle: Any
+
+    @property
+    def release_id(self) -> str:
+        return self.release["release_id"]
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, args: ServeArgs):
+        cfg = load_config(args.config, args.overrides)
+        api.state.api_key = cfg.serve.api_key
+        api.state.max_body_bytes = cfg.serve.max_body_bytes
+        self.max_prompt_chars = cfg.serve.max_prompt_chars
+        self.max_new_tokens = cfg.serve.max_new_tokens
+        self.registry = cfg.registry_dir
+        self.active: Active | None = None
+        self.pending: str | None = None  # promoted in the registry but its application is not running
+        self._seen: tuple | None = None
+        self._checked = 0.0
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> None:
+        """Follow the registry's pointer: move `active` to the promoted release once its application runs."""
+        from tunedex.infra.registry import current_release
+
+        now = time.monotonic()
+        if not force and now - self._checked < POLL_S:
+            return
+        self._checked = now
+        try:
+            st = (self.registry / "current.json").stat()
+        except FileNotFoundError:
+            return
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if signature == self._seen:
+            return
+        release = current_release(self.registry)
+        if release is None or (self.active and self.active.release_id == release.release_id):
+            self._seen, self.pending = signature, None
+            return
+        app = serve.status().applications.get(release.release_id)
+        if app is None or app.status != "RUNNING":
+            self.pending = release.release_id  # checked again on the next poll; keep serving the old one
+            return
+        self.active = Active(release=asdict(release), handle=serve.get_app_handle(release.release_id))
+        self._seen, self.pending = signature, None
+
+    def current(self, request: Request) -> Active:
+        """The release this request is answered by, read once."""
+        self.refresh()
+        active = self.active
+        if active is None:
+            raise HTTPException(503, f"no release is being served yet (promoted: {self.pending or 'none'}); "
+                                     "run `tunedex serve`")
+        request.state.release_id = active.release_id
+        return active
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @api.get("/readyz")
-    async def readyz(self) -> dict[str, str]:
-        return {"status": "ready", "release_id": self.release["release_id"]}
+    async def readyz(self, request: Request) -> dict[str, Any]:
+        active = self.current(request)
+        return {"status": "ready", "release_id": active.release_id, "pending_release_id": self.pending}
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(self.release)]}
+    async def models(self, request: Request) -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(self.current(request).release)]}
+
+    def _sampling(self, max_tokens: int | None, temperature: float | None, top_p: float | None) -> Sampling:
+        return Sampling(max_new_tokens=min(max_tokens or self.max_new_tokens, self.max_new_tokens),
+                        temperature=temperature, top_p=top_p)
+
+    async def _openai(self, request: Request, req: ChatRequest | CompletionRequest, kind: str, payload: Any,
+                      sampling: Sampling, prompt_chars: int):
+        active = self.current(request)
+        request.state.mode = kind
+        if problem := openai_request_problem(req, active.release_id):
+            return problem
+        if prompt_chars > self.max_prompt_chars:
+            return openai_error(422, f"the prompt holds {prompt_chars} characters, over serve.max_prompt_chars="
+                                     f"{self.max_prompt_chars}; shorten it", "prompt_too_long",
+                                "messages" if kind == "chat" else "prompt")
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        completion_id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        try:
+            if req.stream:
+                pieces = active.handle.options(stream=True).stream.remote(kind, payload, sampling)
+                out = await pieces.__anext__()
+            else:
+                out = await active.handle.complete.remote(kind, payload, sampling)
+        except Exception:
+            return openai_error(503, "the release is unavailable; try again shortly", "service_unavailable")
+        if "error" in out:
+            return openai_error(out["error"]["status"], out["error"]["message"], "invalid_request")
+        if req.stream:
+            return StreamingResponse(sse_events(kind, completion_id, out, pieces), media_type="text/event-stream")
+        common = {"id": completion_id, "created": int(time.time()), "model": out["release_id"],
+                  "sources": out["sources"], "release_id": out["release_id"]}
+        if kind == "chat":
+            return {**common, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": out["text"]}, "finish_reason": "stop"}]}
+        return {**common, "object": "text_completion",
+                "choices": [{"index": 0, "text": out["text"], "logprobs": None, "finish_reason": "stop"}]}
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, req: ChatRequest):
-        if problem := openai_request_problem(req, self.release):
-            return problem
-        prompt_chars = sum(len(m.content) for m in req.messages)
-        if prompt_chars > self.max_prompt_chars:
-            return openai_error(422, f"the messages hold {prompt_chars} characters, over serve.max_prompt_chars="
-                                     f"{self.max_prompt_chars}; shorten the conversation", "prompt_too_long", "messages")
-        question = next(m.content for m in reversed(req.messages) if m.role == "user")
-        try:
-            hits = await self.retriever.retrieve.remote(question, self.top_k, "")
-        except Exception:
-            return openai_error(503, "retrieval is unavailable; try again shortly", "service_unavailable")
-        messages = build_chat_messages([m.model_dump() for m in req.messages], [h.text for h in hits])
-        sampling = {"max_new_tokens": min(req.max_completion_tokens or req.max_tokens or self.max_new_tokens,
-                                          self.max_new_tokens),
-                    "temperature": req.temperature, "top_p": req.top_p}
-        sources = source_entries(hits)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        if req.stream:
-            pieces = self.generator.options(stream=True).stream.remote(messages, sampling)
-            return StreamingResponse(sse_chunks(completion_id, self.release, sources, pieces),
-                                     media_type="text/event-stream")
-        answer = await self.generator.generate.remote(messages, sampling)
-        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
-                "model": self.release["release_id"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-                "sources": sources, "release_id": self.release["release_id"]}
+    async def chat_completions(self, req: ChatRequest, request: Request):
+        sampling = self._sampling(req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p)
+        return await self._openai(request, req, "chat", [m.model_dump() for m in req.messages], sampling,
+                                  sum(len(m.content) for m in req.messages))
+
+    @api.post("/v1/completions")
+    async def completions(self, req: CompletionRequest, request: Request):
+        prompt = req.prompt if isinstance(req.prompt, str) else (req.prompt[0] if req.prompt else "")
+        sampling = self._sampling(req.max_tokens, req.temperature, req.top_p)
+        return await self._openai(request, req, "text", prompt, sampling, len(prompt))
 
     @api.post("/v1/query")
-    async def query(self, req: QueryRequest) -> dict[str, Any]:
-        started = time.perf_counter()
-        hits: list[Any] = []
-        timings: dict[str, float] = {}
-        if req.mode != "finetuned":
-            try:
-                hits = await self.retriever.retrieve.remote(req.question, req.top_k or self.top_k, req.filters)
-            except Exception as exc:
-                if "filter" in str(exc).lower() or "expr" in str(exc).lower():
-                    raise HTTPException(422, f"filters {req.filters!r} is not a valid Milvus expression") from None
-                raise HTTPException(503, "retrieval is unavailable; try again shortly") from None
-        timings["retrieve"] = round((time.perf_counter() - started) * 1000, 2)
-        answer = ""
-        if req.mode != "retrieve":
-            contexts = [h.text for h in hits] if req.mode in ("hybrid", "rag") else []
-            gen_started = time.perf_counter()
-            answer = await self.generator.generate.remote(build_messages(req.question, contexts), {})
-            timings["generate"] = round((time.perf_counter() - gen_started) * 1000, 2)
-        timings["total"] = round((time.perf_counter() - started) * 1000, 2)
-        return {"answer": answer, "sources": source_entries(hits), "release_id": self.release["release_id"],
-                "mode": req.mode, "timings_ms": timings}
+    async def query(self, req: QueryRequest, request: Request) -> dict[str, Any]:
+        active = self.current(request)
+        request.state.mode = req.mode
+        try:
+            out = await active.handle.answer.remote(req.question, req.mode, req.top_k, req.filters)
+        except Exception:
+            raise HTTPException(503, "the release is unavailable; try again shortly") from None
+        if "error" in out:
+            raise HTTPException(out["error"]["status"], out["error"]["message"])
+        return out
 
 
-def build_app(args: ServeArgs) -> serve.Application:
-    """Compose the app for the current promoted release."""
-    from tunedex.infra.registry import RegistryError, check_model_dir, current_release
+def build_release_app(args: ReleaseArgs) -> serve.Application:
+    """One release's application (`Release` + `Retriever` + `Generator`), named by its id when deployed."""
+    from tunedex.infra.registry import RegistryError, check_model_dir, current_release, load_release
 
     cfg = load_config(args.config, args.overrides)
-    args = ServeArgs(config=str(Path(args.config).resolve()), overrides=args.overrides)
-    release = current_release(cfg.registry_dir)
+    release = load_release(cfg.registry_dir, args.release_id) if args.release_id else current_release(cfg.registry_dir)
     if release is None:
         raise RegistryError(f"no promoted release in {cfg.registry_dir}; run `tunedex promote` first")
     check_model_dir(Path(release.model_path))
-    retriever = Retriever.bind(args, release.collection)
-    generator = Generator.bind(release.model_path, cfg.serve.max_new_tokens)
-    limits = {"max_body_bytes": cfg.serve.max_body_bytes, "max_prompt_chars": cfg.serve.max_prompt_chars}
-    return Ingress.bind(retriever, generator, asdict(release), cfg.serve.top_k, cfg.serve.api_key,
-                        cfg.serve.max_new_tokens, limits)
+    config_args = ServeArgs(config=str(Path(args.config).resolve()), overrides=args.overrides)
+    s = cfg.serve
+    gen_args = (s.max_new_tokens, s.max_batch_size, s.batch_wait_timeout_s)
+    gen_defaults = {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 2 * s.max_batch_size}
+    generator = Generator.options(**deployment_options(cfg, "Generator", **gen_defaults)).bind(release.model_path, *gen_args)
+    base = None
+    if s.serve_base_model:
+        if not release.base_model:
+            raise RegistryError(f"release {release.release_id} names no base model; serve.serve_base_model needs one "
+                                "(fine-tunes record it in their model card)")
+        base = Generator.options(name="BaseGenerator", **deployment_options(cfg, "BaseGenerator", **gen_defaults)
+                                 ).bind(release.base_model, *gen_args)
+    retriever = Retriever.options(**deployment_options(
+        cfg, "Retriever", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)).bind(config_args, release.collection)
+    return Release.options(**deployment_options(
+        cfg, "Release", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=256)
+    ).bind(asdict(release), retriever, generator, base, s.top_k)
+
+
+def build_app(args: ServeArgs) -> serve.Application:
+    """The HTTP front (`Ingress`), serving whichever release is promoted and deployed."""
+    cfg = load_config(args.config, args.overrides)
+    args = ServeArgs(config=str(Path(args.config).resolve()), overrides=args.overrides)
+    return Ingress.options(**deployment_options(
+        cfg, "Ingress", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=256)).bind(args)

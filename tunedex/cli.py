@@ -56,9 +56,11 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     from tunedex.infra.registry import RegistryError
     from tunedex.infra.services import ServiceError
     from tunedex.infra.store import StoreUnavailable
+    from tunedex.serving.control import SwapError
     from tunedex.workers.finetune import FinetuneError
 
-    known = (RegistryError, ServiceError, StoreUnavailable, EmbeddingModelError, FinetuneError, FileNotFoundError)
+    known = (RegistryError, ServiceError, StoreUnavailable, EmbeddingModelError, FinetuneError, FileNotFoundError,
+             SwapError)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -201,11 +203,12 @@ def promote(
     model: Annotated[Optional[Path], typer.Option(help="exported model dir (default: the newest registered fine-tune)")] = None,
     collection: Annotated[Optional[str], typer.Option(help="collection (default: the live alias's target)")] = None,
     config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
-    """Record a release = (model, collection) and make it the one the endpoint serves."""
+    """Record a release = (model, collection) and serve it; a running endpoint swaps without dropping requests."""
     from tunedex.infra import registry, store
 
-    cfg = setup(config)
+    cfg = setup(config, set_)
     if release_id:
         release = registry.load_release(cfg.registry_dir, release_id)
     else:
@@ -216,9 +219,37 @@ def promote(
             collection = store.resolve_alias(client, store.live_alias(cfg.milvus))
             if collection is None:
                 raise registry.RegistryError("no indexed collection yet; run `tunedex index CORPUS` or pass --collection")
-        release = registry.new_release(model, collection, cfg.embedding.model)
-    registry.promote(cfg.registry_dir, release)
-    typer.echo(f"promoted {release.release_id}: model {release.model_path}, collection {release.collection}")
+        card = model / "model_card.json"
+        base = json.loads(card.read_text(encoding="utf-8")).get("base_model_path", "") if card.is_file() else ""
+        release = registry.new_release(model, collection, cfg.embedding.model, base_model=base)
+        registry.save_release(cfg.registry_dir, release)
+    swapped = switch_release(cfg, config, set_, release)
+    typer.echo(f"promoted {release.release_id}: model {release.model_path}, collection {release.collection}"
+               + (" (the endpoint now serves it)" if swapped else ""))
+
+
+def switch_release(cfg: TunedexConfig, config: Path | None, overrides: list[str] | None, release: Any) -> bool:
+    """Registry-only when no endpoint runs; otherwise load beside, switch, keep the previous one loaded."""
+    from tunedex.infra import services
+
+    host = cfg.ray.address.rsplit(":", 1)[0]
+    if not cfg.ray.address.startswith("ray://") and not services.port_open(host, cfg.ray.port):
+        from tunedex.infra.registry import promote as record
+
+        record(cfg.registry_dir, release)
+        return False
+    import ray
+
+    from tunedex.serving import control
+
+    path = config_path(config)
+    ray.init(address=cfg.ray.address, logging_level="WARNING", log_to_driver=False)
+    try:
+        if path is None and control.endpoint_running():
+            raise ConfigError("a running endpoint loads the release with its config; pass -c CONFIG")
+        return control.switch(cfg, path.resolve() if path else Path("."), overrides or [], release)
+    finally:
+        ray.shutdown()
 
 
 def newest_model(cfg: TunedexConfig) -> Path:
@@ -232,12 +263,13 @@ def newest_model(cfg: TunedexConfig) -> Path:
 
 @app.command()
 @friendly_errors
-def rollback(config: ConfigOpt = None) -> None:
-    """Serve the previously promoted release again."""
-    from tunedex.infra.registry import rollback as do_rollback
+def rollback(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Serve the previously promoted release again (instant while it is still loaded)."""
+    from tunedex.infra.registry import previous_release
 
-    cfg = setup(config)
-    release = do_rollback(cfg.registry_dir)
+    cfg = setup(config, set_)
+    release = previous_release(cfg.registry_dir)
+    switch_release(cfg, config, set_, release)
     typer.echo(f"rolled back to {release.release_id}")
 
 
@@ -246,35 +278,19 @@ def rollback(config: ConfigOpt = None) -> None:
 def serve(config: ConfigOpt = None, set_: SetOpt = None, timeout: float = typer.Option(300, help="seconds to wait for ready")) -> None:
     """Deploy the endpoint for the promoted release on the local Ray; print its URL."""
     cfg = setup(config, set_)  # before importing ray: it reads the auth settings once
-    import httpx
     import ray
-    from ray import serve as ray_serve
 
-    from tunedex.serving.app import ServeArgs, build_app
+    from tunedex.serving import control
 
     path = config_path(config)
     if not path:
         raise ConfigError("`tunedex serve` needs a config file (replicas load it); pass -c configs/local.yaml")
-    args = ServeArgs(config=str(path.resolve()), overrides=set_ or [])
     ray.init(address=cfg.ray.address, logging_level="WARNING")
-    ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    ray_serve.run(build_app(args), name="tunedex", route_prefix="/", blocking=False)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            ready = httpx.get(f"{cfg.serve.url}/readyz", timeout=2)
-            if ready.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        typer.echo(f"error: the endpoint did not become ready within {timeout:.0f}s; see `serve status`", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"serving {ready.json()['release_id']} at {cfg.serve.url}")
+    release = control.start(cfg, path.resolve(), set_ or [], timeout)
+    typer.echo(f"serving {release.release_id} at {cfg.serve.url}")
     typer.echo(f"try: curl -s {cfg.serve.url}/v1/query -H 'Content-Type: application/json' "
                "-d '{\"question\": \"When is shipping free?\"}'")
-    typer.echo(f"same app via Serve's CLI: serve run tunedex.serving.app:build_app config={args.config}")
+    typer.echo(f"metrics (Serve's and tunedex's): http://127.0.0.1:{cfg.ray.metrics_export_port}/metrics")
 
 
 @app.command()

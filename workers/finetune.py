@@ -430,6 +430,17 @@ def export_model(engine: Any, io: Any, rank: int, spec: dict[str, Any], metrics:
         io.report(metrics, tmp)
 
 
+def export_base(ft: FinetuneConfig, tokenizer: Any, out: Path) -> str:
+    """Where the base model can be loaded from: a tiny base is rebuilt from its seed and saved beside the
+    fine-tune (so `mode: rag` and evaluation can serve it); any other base is its own path or hub id."""
+    if ft.base_model != "tiny":
+        return ft.base_model
+    model = build_model({**model_spec(ft, tokenizer), "lora": None})
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
 def loop_config(ft: FinetuneConfig, tokenizer: Any, train_seqs: list, eval_seqs: list, bf16: bool) -> dict[str, Any]:
     """Everything a worker's loop needs, as plain data."""
     return {
@@ -517,7 +528,8 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
         dropped=stats.dropped, resumed_from_step=metrics["resumed_from_step"], peak_rss_mb=metrics["peak_rss_mb"],
     )
     card = {
-        "run_name": run_name, "base_model": ft.base_model, "adapter": ft.adapter, "data_file": str(ft.train_file),
+        "run_name": run_name, "base_model": ft.base_model, "base_model_path": export_base(ft, tokenizer, out / "base"),
+        "adapter": ft.adapter, "data_file": str(ft.train_file),
         "data_hash": data_hash, "config": ft.model_dump(mode="json"),
         "final_loss": res.losses[-1], "metrics": asdict(res),
     }

@@ -1,0 +1,120 @@
+"""Text generation with a release's model: one prompt, a batch of prompts, or a token stream.
+
+Plain functions over a (model, tokenizer) pair, so they run and are tested without Ray Serve; the
+`Generator` deployment in `app.py` wraps them (`@serve.batch` gathers concurrent requests into one call).
+A prompt is either chat messages (rendered with the model's chat template, as training rendered them)
+or raw text (for `/v1/completions`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+Prompt = Union[str, list[dict[str, str]]]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a request may set; `temperature` 0 (or unset) is greedy."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature
+
+    def key(self) -> tuple:
+        """Requests with the same key can share one `generate` call."""
+        return (True,) if self.greedy else (False, self.temperature, self.top_p or 1.0)
+
+
+def load_generator(model_path: str) -> tuple[Any, Any]:
+    """An exported model dir (safetensors only, no remote code) as (model, tokenizer), ready for inference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(model_path).is_dir():
+        raise FileNotFoundError(f"model dir {model_path} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"  # a batch's prompts end where generation starts
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True, trust_remote_code=False)
+    model.eval()
+    return model, tokenizer
+
+
+def context_length(model: Any) -> int:
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
+
+
+def render(tokenizer: Any, prompt: Prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt, limit: int, room: int) -> list[int]:
+    """Token ids of the rendered prompt, keeping the end (the question, the assistant turn) when too long."""
+    ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    return ids[-(limit - room):]
+
+
+def room_for(model: Any, sampling: Sampling, default_max: int) -> int:
+    """New tokens a request gets: what it asked for, capped by the server's limit and a quarter of the context."""
+    return max(1, min(sampling.max_new_tokens or default_max, default_max, context_length(model) // 4))
+
+
+def sampling_kwargs(sampling: Sampling) -> dict[str, Any]:
+    if sampling.greedy:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p or 1.0}
+
+
+def generate_batch(model: Any, tokenizer: Any, prompts: list[Prompt], samplings: list[Sampling],
+                   default_max: int) -> list[str]:
+    """Answers in input order; prompts with the same sampling share one left-padded `generate` call."""
+    groups: dict[tuple, list[int]] = {}
+    for i, sampling in enumerate(samplings):
+        groups.setdefault(sampling.key(), []).append(i)
+    out: list[str] = [""] * len(prompts)
+    for members in groups.values():
+        for i, text in zip(members, _generate_group(model, tokenizer, [prompts[i] for i in members],
+                                                      [samplings[i] for i in members], default_max)):
+            out[i] = text
+    return out
+
+
+def _generate_group(model: Any, tokenizer: Any, prompts: list[Prompt], samplings: list[Sampling],
+                    default_max: int) -> list[str]:
+    import torch
+
+    rooms = [room_for(model, s, default_max) for s in samplings]
+    limit = context_length(model)
+    encoded = [prompt_ids(tokenizer, p, limit, max(rooms)) for p in prompts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max(rooms),
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             **sampling_kwargs(samplings[0]))
+    return [tokenizer.decode(out[row, width:width + room], skip_special_tokens=True).strip()
+            for row, room in enumerate(rooms)]
+
+
+def stream_kwargs(model: Any, tokenizer: Any, prompt: Prompt, sampling: Sampling, default_max: int) -> dict[str, Any]:
+    """`generate` arguments for one streamed prompt (the streamer is added by the caller)."""
+    import torch
+
+    room = room_for(model, sampling, default_max)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt, context_length(model), room)], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": room,
+            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, **sampling_kwargs(sampling)}
