@@ -214,12 +214,32 @@ def metrics() -> dict[str, Any]:
     return METRICS
 
 
+def route_label(request: Request) -> str:
+    """The route's template (a bounded label set), also for requests refused before routing (401, 413)."""
+    from starlette.routing import Match
+
+    if path := getattr(request.scope.get("route"), "path", None):
+        return path
+    for candidate in leaf_routes(request.app.routes):
+        if candidate.matches(request.scope)[0] != Match.NONE:
+            return candidate.path
+    return "unmatched"
+
+
+def leaf_routes(routes: list[Any]) -> list[Any]:
+    """Routes with a path, looking inside included routers (Serve's class-based routes live in one)."""
+    out = []
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None) or getattr(route, "routes", None)
+        out.extend(leaf_routes(inner) if inner else [route] if getattr(route, "path", None) else [])
+    return out
+
+
 @api.middleware("http")
 async def record_metrics(request: Request, call_next):
     started = time.perf_counter()
     response = await call_next(request)
-    route = request.scope.get("route")
-    tags = {"route": getattr(route, "path", "unmatched"), "status": str(response.status_code),
+    tags = {"route": route_label(request), "status": str(response.status_code),
             "release_id": getattr(request.state, "release_id", ""), "mode": getattr(request.state, "mode", "")}
     m = metrics()
     m["requests"].inc(tags=tags)
