@@ -7,28 +7,16 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tunedex.infra.config import load_config
-from tunedex.infra.store import StoreUnavailable
+from tunedex.flows.common import flow_config, transient
 
 
-def _transient(task_obj, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
-    """Retry only when Milvus was unreachable; bad input fails at once."""
-    try:
-        state.result()
-    except (StoreUnavailable, ConnectionError, TimeoutError):
-        return True
-    except Exception:
-        return False
-    return False
-
-
-@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient)
+@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=transient)
 def index_task(config: str | None, corpus: str | None, overrides: list[str]) -> dict:
     from dataclasses import asdict
 
     from tunedex.workers.embed import index_corpus
 
-    cfg = load_config(config, overrides)
+    cfg = flow_config(config, overrides)
     root = Path(corpus) if corpus else cfg.corpus.path
     if root is None:
         raise ValueError("no corpus: pass corpus=PATH or set corpus.path in the config")

@@ -206,15 +206,29 @@ class ServeConfig(Section):
     top_k: int = Field(4, ge=1, le=100)
     max_new_tokens: int = Field(64, ge=1, le=4096)
     api_key: str | None = Field(None, description="Bearer key every non-health route requires")
+    api_key_file: Path | None = Field(None, description="file holding the key (a mounted Secret); read when api_key is unset")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     max_prompt_chars: int = Field(16_000, ge=100, description="longer chat prompts (all messages) get 422")
     max_batch_size: int = Field(16, ge=1, le=256, description="concurrent generations gathered into one batch")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5, description="how long a batch waits to fill")
     serve_base_model: bool = Field(False, description="also load the release's base model, for `mode: rag`")
     deployments: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Ray Serve options per deployment (Ingress, Release, Retriever, Generator, BaseGenerator)",
     )
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> "ServeConfig":
+        if self.api_key is None and self.api_key_file is not None:
+            try:
+                key = self.api_key_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"api_key_file {self.api_key_file} cannot be read ({exc}); mount the key there "
+                                 "or set api_key") from None
+            if not key:
+                raise ValueError(f"api_key_file {self.api_key_file} is empty; put the key in it")
+            self.api_key = key
+        return self
 
     @field_validator("deployments")
     @classmethod
@@ -233,10 +247,39 @@ class ServeConfig(Section):
         return f"http://{self.host}:{self.port}"
 
 
+class EvaluateConfig(Section):
+    qa_file: Path | None = Field(None, description="QA set (JSONL: question, answer, doc_ids, split) the gate scores")
+    strategy: Literal["hybrid", "finetuned"] = Field("hybrid", description="how the gate's answers are produced")
+    metric: Literal["exact", "contains", "f1"] = Field("f1", description="answer score the gate compares")
+    min_score: float = Field(0.0, ge=0, le=1, description="a candidate below this is not promoted")
+    max_regression: float = Field(0.0, ge=0, le=1, description="how far below the serving release a candidate may score")
+    max_questions: int | None = Field(None, ge=1, description="score only the first N questions")
+
+
 class PrefectConfig(Section):
     api_url: str | None = Field(None, description="Prefect server API; unset runs on a local ephemeral API")
-    reembed_cron: str = "0 2 * * *"
-    timezone: str = "UTC"
+    reembed_cron: str = Field("0 2 * * *", description="schedule of the nightly-reembed deployment")
+    refresh_cron: str | None = Field(None, description="schedule of the refresh deployment (re-embed, fine-tune, evaluate, promote)")
+    timezone: str = Field("UTC", description="IANA time zone the cron schedules are read in")
+    work_pool: str | None = Field(None, description="deploy to this work pool (e.g. a Kubernetes one); unset: `tunedex worker` serves them")
+
+    @field_validator("reembed_cron", "refresh_cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) not in (5, 6):
+            raise ValueError(f"{value!r} is not a cron expression; use five fields, e.g. '0 2 * * *' (02:00 daily)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone; use e.g. 'UTC' or 'Europe/Berlin'") from None
+        return value
 
 
 class TunedexConfig(Section):
@@ -249,6 +292,7 @@ class TunedexConfig(Section):
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
 
     @property

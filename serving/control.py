@@ -116,3 +116,29 @@ def switch(cfg: TunedexConfig, config: Path, overrides: list[str], release: Rele
     registry.promote(cfg.registry_dir, release)
     wait_serving(cfg, release.release_id)
     return True
+
+
+def promote(cfg: TunedexConfig, config: Path | None, overrides: list[str], release: Release) -> bool:
+    """Make `release` the promoted one: registry only when no Ray (so no endpoint) is up, else `switch`.
+    Returns whether a running endpoint switched."""
+    from tunedex.infra import services
+
+    host = cfg.ray.address.removeprefix("ray://").rsplit(":", 1)[0]
+    if not cfg.ray.address.startswith("ray://") and not services.port_open(host, cfg.ray.port):
+        registry.promote(cfg.registry_dir, release)
+        return False
+    import os
+
+    os.environ.update(services.ray_env(cfg))
+    import ray
+
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        ray.init(address=cfg.ray.address, logging_level="WARNING", log_to_driver=False)
+    try:
+        if config is None and endpoint_running():
+            raise SwapError("a running endpoint loads the release with its config; pass the config file (-c CONFIG)")
+        return switch(cfg, config or Path("."), overrides, release)
+    finally:
+        if connected_here:
+            ray.shutdown()

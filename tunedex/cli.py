@@ -28,7 +28,7 @@ ConfigOpt = Annotated[
 ]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a key, e.g. --set serve.port=8001")]
 
-FLOWS = {"nightly-reembed"}
+FLOWS = ("nightly-reembed", "finetune", "evaluate-and-promote", "refresh")
 
 
 def config_path(path: Path | None) -> Path | None:
@@ -190,7 +190,8 @@ def finetune(
 
     from tunedex.workers.finetune import main
 
-    ray.init(address=cfg.ray.address, logging_level="WARNING", log_to_driver=True)
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # a Ray job's driver: Ray set RAY_ADDRESS for it
+    ray.init(address=None if in_job else cfg.ray.address, logging_level="WARNING", log_to_driver=True)
     result = main(cfg)
     ray.shutdown()  # flushes the workers' streamed logs, so the summary line comes last
     typer.echo(result.summary)
@@ -223,33 +224,16 @@ def promote(
         base = json.loads(card.read_text(encoding="utf-8")).get("base_model_path", "") if card.is_file() else ""
         release = registry.new_release(model, collection, cfg.embedding.model, base_model=base)
         registry.save_release(cfg.registry_dir, release)
-    swapped = switch_release(cfg, config, set_, release)
+    swapped = promote_release(cfg, config, set_, release)
     typer.echo(f"promoted {release.release_id}: model {release.model_path}, collection {release.collection}"
                + (" (the endpoint now serves it)" if swapped else ""))
 
 
-def switch_release(cfg: TunedexConfig, config: Path | None, overrides: list[str] | None, release: Any) -> bool:
-    """Registry-only when no endpoint runs; otherwise load beside, switch, keep the previous one loaded."""
-    from tunedex.infra import services
-
-    host = cfg.ray.address.rsplit(":", 1)[0]
-    if not cfg.ray.address.startswith("ray://") and not services.port_open(host, cfg.ray.port):
-        from tunedex.infra.registry import promote as record
-
-        record(cfg.registry_dir, release)
-        return False
-    import ray
-
-    from tunedex.serving import control
+def promote_release(cfg: TunedexConfig, config: Path | None, overrides: list[str] | None, release: Any) -> bool:
+    from tunedex.serving.control import promote
 
     path = config_path(config)
-    ray.init(address=cfg.ray.address, logging_level="WARNING", log_to_driver=False)
-    try:
-        if path is None and control.endpoint_running():
-            raise ConfigError("a running endpoint loads the release with its config; pass -c CONFIG")
-        return control.switch(cfg, path.resolve() if path else Path("."), overrides or [], release)
-    finally:
-        ray.shutdown()
+    return promote(cfg, path.resolve() if path else None, overrides or [], release)
 
 
 def newest_model(cfg: TunedexConfig) -> Path:
@@ -269,7 +253,7 @@ def rollback(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     cfg = setup(config, set_)
     release = previous_release(cfg.registry_dir)
-    switch_release(cfg, config, set_, release)
+    promote_release(cfg, config, set_, release)
     typer.echo(f"rolled back to {release.release_id}")
 
 
@@ -331,18 +315,66 @@ def flows_run(
     name: str,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    corpus: Optional[Path] = typer.Option(None, help="corpus root (default: corpus.path)"),
+    corpus: Optional[Path] = typer.Option(None, help="corpus root for nightly-reembed and refresh (default: corpus.path)"),
+    model: Optional[Path] = typer.Option(None, help="candidate model dir for evaluate-and-promote (default: newest)"),
 ) -> None:
-    """Run flow NAME once, now, on the configured Prefect API (a local ephemeral one by default)."""
+    """Run flow NAME once, now, on the configured Prefect API (a local ephemeral one by default); print its
+    result as one JSON line."""
     if name not in FLOWS:
-        raise ConfigError(f"unknown flow {name!r}; known flows: {', '.join(sorted(FLOWS))}")
+        raise ConfigError(f"unknown flow {name!r}; known flows: {', '.join(FLOWS)}")
     cfg = setup(config, set_)
     prefect_env(cfg)
-    from tunedex.flows.reembed import nightly_reembed
+    from tunedex.flows.deploy import flows
 
     path = config_path(config)
-    report = nightly_reembed(config=str(path) if path else None, corpus=str(corpus) if corpus else None, overrides=set_ or [])
-    typer.echo(json.dumps({k: report[k] for k in report if k != "skipped"}))
+    params: dict[str, Any] = {"config": str(path.resolve()) if path else None, "overrides": set_ or []}
+    if name in ("finetune", "evaluate-and-promote", "refresh") and path is None:
+        raise ConfigError(f"flow {name} hands its config to other processes; pass -c CONFIG")
+    if name in ("nightly-reembed", "refresh"):
+        params["corpus"] = str(corpus.resolve()) if corpus else None
+    if name == "evaluate-and-promote":
+        params["model"] = str(model.resolve()) if model else None
+    result = flows()[name](**params)
+    if name == "nightly-reembed":
+        result = {k: result[k] for k in result if k != "skipped"}
+    typer.echo(json.dumps(result, default=str))
+
+
+@app.command()
+@friendly_errors
+def schedule(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Register the flows as Prefect deployments, with the cron schedules from `prefect.*` (UI: Deployments)."""
+    cfg = setup(config, set_)
+    path = deployment_config(config)
+    prefect_env(cfg)
+    from tunedex.flows.deploy import deployments
+
+    for deployment in deployments(cfg, path, set_ or []):
+        deployment.apply()
+        when = ", ".join(f"{s.schedule.cron} ({s.schedule.timezone})" for s in deployment.schedules) or "on demand"
+        typer.echo(f"deployment {deployment.flow_name}/{deployment.name}: {when}")
+    typer.echo("run them with `tunedex worker` (or a worker on prefect.work_pool)")
+
+
+@app.command()
+@friendly_errors
+def worker(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Serve the deployments in this process: scheduled and triggered runs execute here (Ctrl-C stops)."""
+    cfg = setup(config, set_)
+    path = deployment_config(config)
+    prefect_env(cfg)
+    from prefect import serve
+
+    from tunedex.flows.deploy import deployments
+
+    serve(*deployments(cfg, path, set_ or []), pause_on_shutdown=False)
+
+
+def deployment_config(config: Path | None) -> str:
+    path = config_path(config)
+    if path is None:
+        raise ConfigError("deployments hand their config file to every run; pass -c CONFIG")
+    return str(path.resolve())
 
 
 def prefect_env(cfg: TunedexConfig) -> None:

@@ -4,7 +4,8 @@
 - day1/corpus: a product catalog (one Markdown file per product) and support policies (JSONL);
 - day2/corpus: the same a day later: some prices, stock and one policy changed, products added and removed;
 - train.jsonl: support-style chat examples in the house style, closed-book and grounded in retrieved context;
-- qa.jsonl: questions with reference answers per day, supporting doc ids and a static/changed split.
+- qa.jsonl: questions with reference answers per day, supporting doc ids and a static/changed split;
+  day1/qa.jsonl and day2/qa.jsonl: the same in the evaluation format (one `answer`, as of that day).
 """
 
 from __future__ import annotations
@@ -174,9 +175,14 @@ def write_demo_data(out: Path, n_products: int = 30, seed: int = 7) -> dict[str,
     write_corpus(out / "day1" / "corpus", day1, pol1)
     write_corpus(out / "day2" / "corpus", day2, pol2)
     _write_jsonl(out / "train.jsonl", training_examples(day1, pol1))
-    _write_jsonl(out / "qa.jsonl", qa_set(day1, day2, pol1, pol2))
-    return {"day1": out / "day1" / "corpus", "day2": out / "day2" / "corpus",
-            "train": out / "train.jsonl", "qa": out / "qa.jsonl"}
+    qa = qa_set(day1, day2, pol1, pol2)
+    _write_jsonl(out / "qa.jsonl", qa)
+    for day in ("day1", "day2"):  # the evaluation format: one reference answer, as of that day's corpus
+        _write_jsonl(out / day / "qa.jsonl", [
+            {"question": r["question"], "answer": r[f"answer_{day}"], "doc_ids": r["doc_ids"], "split": r["split"],
+             "kind": r["kind"], "as_of": day} for r in qa])
+    return {"day1": out / "day1" / "corpus", "day2": out / "day2" / "corpus", "train": out / "train.jsonl",
+            "qa": out / "qa.jsonl", "qa_day1": out / "day1" / "qa.jsonl", "qa_day2": out / "day2" / "qa.jsonl"}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -1,0 +1,210 @@
+"""The Prefect flows against a local Prefect server and the test's Ray head: schedules, real Ray job
+submission, the promotion gate, overlapping triggers, retries of transient failures only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import run_cli, write_config
+from tunedex.infra import registry, services
+from tunedex.infra.config import load_config
+from tunedex.infra.services import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """`prefect server start` on a free port, its data in a temp dir."""
+    home = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise AssertionError((home / "server.log").read_text()[-3000:])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def flows_setup(stack, demo, prefect_api, tmp_path_factory):
+    """A config on the shared stack with the Prefect server, the day-1 corpus and QA set, a quick fine-tune."""
+    _, stack_cfg = stack
+    root = tmp_path_factory.mktemp("flows")
+    # the shared stack's services, data dir and endpoint; this config adds the Prefect server and flow settings
+    path = write_config(root / "tunedex.yaml", stack_cfg.data_dir, prefect={"api_url": prefect_api},
+                        milvus={"uri": stack_cfg.milvus.uri},
+                        ray={"address": stack_cfg.ray.address, "dashboard_port": stack_cfg.ray.dashboard_port,
+                             "client_server_port": stack_cfg.ray.client_server_port,
+                             "metrics_export_port": stack_cfg.ray.metrics_export_port},
+                        serve={"port": stack_cfg.serve.port}, corpus={"path": str(demo["day1"])},
+                        finetune={"train_file": str(demo["train"]), "max_steps": 10, "logging_steps": 5},
+                        evaluate={"qa_file": str(demo["qa_day1"]), "max_questions": 16})
+    cfg = load_config(path)
+    return {"path": path, "cfg": cfg, "cwd": root, "api": prefect_api}
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prefect_client(api: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class Client:
+        def __enter__(self):
+            self.settings = temporary_settings({PREFECT_API_URL: api})
+            self.settings.__enter__()
+            self.client = get_client(sync_client=True)
+            return self.client.__enter__()
+
+        def __exit__(self, *exc):
+            self.client.__exit__(*exc)
+            self.settings.__exit__(*exc)
+
+    return Client()
+
+
+def test_schedule_registers_deployments_with_cron_timezone_and_one_run_at_a_time(flows_setup):
+    out = run_cli("schedule", "-c", str(flows_setup["path"]), "--set", "prefect.timezone=Europe/Berlin",
+                  cwd=flows_setup["cwd"]).stdout
+    assert "deployment nightly-reembed/nightly-reembed: 0 2 * * * (Europe/Berlin)" in out
+    with prefect_client(flows_setup["api"]) as client:
+        deployment = client.read_deployment_by_name("nightly-reembed/nightly-reembed")
+        schedule = deployment.schedules[0].schedule
+        assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
+        assert deployment.global_concurrency_limit.limit == 1
+        assert deployment.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+        assert deployment.parameters["config"] == str(flows_setup["path"].resolve())
+        names = {d.name for d in client.read_deployments()}
+    assert {"nightly-reembed", "finetune", "evaluate-and-promote", "refresh"} <= names
+
+
+def test_finetune_flow_submits_one_ray_job_and_a_retrigger_trains_nothing(flows_setup):
+    from ray.job_submission import JobSubmissionClient
+
+    path, cwd, cfg = str(flows_setup["path"]), flows_setup["cwd"], flows_setup["cfg"]
+    first = last_json(run_cli("flows", "run", "finetune", "-c", path, cwd=cwd))
+    assert first["submitted"] and first["job_id"].startswith("tunedex-ft-") and first["steps"] == 10
+    assert Path(first["model_path"], "model.safetensors").is_file()
+    again = last_json(run_cli("flows", "run", "finetune", "-c", path, cwd=cwd))
+    assert (again["submitted"], again["job_id"], again["model_path"]) == (False, None, first["model_path"])
+    os.environ.update(services.ray_env(cfg))
+    jobs = JobSubmissionClient(f"http://127.0.0.1:{cfg.ray.dashboard_port}").list_jobs()
+    assert [j.submission_id for j in jobs if (j.submission_id or "").startswith(first["run_name"])] == [first["job_id"]]
+    assert registry.load_model(cfg.registry_dir, first["run_name"])["path"] == first["model_path"]
+
+
+def test_two_quick_submissions_of_one_id_yield_one_job(flows_setup):
+    from tunedex.flows.finetune import job_client, submit_or_follow
+
+    client = job_client(flows_setup["cfg"])
+    base = f"tunedex-race-{time.time_ns()}"
+    results: list[tuple[str, bool]] = []
+    threads = [threading.Thread(target=lambda: results.append(submit_or_follow(client, base, "echo ran")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {job for job, _ in results} == {base} and sorted(s for _, s in results) == [False, True]
+    deadline = time.monotonic() + 60
+    while client.get_job_status(base).value not in ("SUCCEEDED", "FAILED") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert client.get_job_status(base).value == "SUCCEEDED"
+
+
+def test_evaluate_and_promote_applies_the_gate(flows_setup, demo):
+    path, cwd, cfg = str(flows_setup["path"]), flows_setup["cwd"], flows_setup["cfg"]
+    run_cli("index", str(demo["day1"]), "-c", path, cwd=cwd)
+    before = registry.current_release(cfg.registry_dir)
+    refused = last_json(run_cli("flows", "run", "evaluate-and-promote", "-c", path, "--set", "evaluate.metric=exact",
+                                "--set", "evaluate.min_score=1.0", cwd=cwd))
+    assert not refused["promoted"] and "below evaluate.min_score" in refused["reason"]
+    assert refused["candidate"]["n"] == 16 and 0 <= refused["candidate"]["recall"] <= 1
+    assert registry.current_release(cfg.registry_dir) == before
+    passed = last_json(run_cli("flows", "run", "evaluate-and-promote", "-c", path, "--set", "evaluate.max_regression=1.0",
+                               cwd=cwd))
+    assert passed["promoted"] and registry.current_release(cfg.registry_dir).release_id == passed["release_id"]
+    assert registry.current_release(cfg.registry_dir).eval_report["f1"] == passed["candidate"]["f1"]
+    again = last_json(run_cli("flows", "run", "evaluate-and-promote", "-c", path, cwd=cwd))
+    assert not again["promoted"] and again["reason"] == "already serving this model and index"
+
+
+def test_bad_input_fails_once_and_a_transient_outage_is_retried(flows_setup, tmp_path):
+    path, cwd = str(flows_setup["path"]), flows_setup["cwd"]
+    bad = run_cli("flows", "run", "nightly-reembed", "-c", path, "--corpus", str(tmp_path / "missing"), cwd=cwd,
+                  check=False)
+    assert bad.returncode == 1 and "is not a directory" in bad.stderr
+    # Milvus down when the run starts, up a few seconds later: the index task's retry succeeds
+    down_cfg = load_config(write_config(tmp_path / "down.yaml", tmp_path / "data"))
+    late = subprocess.Popen(
+        [str(Path(sys.executable).parent / "tunedex"), "flows", "run", "nightly-reembed", "-c", path,
+         "--set", f"milvus.uri={down_cfg.milvus.uri}"], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        time.sleep(4)
+        services.start_milvus(down_cfg)
+        out, err = late.communicate(timeout=300)
+    finally:
+        services.stop_milvus(down_cfg)
+    assert late.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["docs_added"] == 33
+    with prefect_client(flows_setup["api"]) as client:
+        from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+        from prefect.client.schemas.sorting import TaskRunSort
+
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="index_task")),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=2)
+    latest, failed = runs[0], runs[1]
+    assert latest.state.is_completed() and latest.run_count >= 2  # retried after the outage
+    assert failed.state.is_failed() and failed.run_count == 1  # bad input: no retry
+
+
+def test_overlapping_triggers_yield_one_run_doing_the_work(flows_setup):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    path, cwd = str(flows_setup["path"]), flows_setup["cwd"]
+    run_cli("schedule", "-c", path, cwd=cwd)
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "tunedex"), "worker", "-c", path], cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: flows_setup["api"]}):
+            runs = [run_deployment("nightly-reembed/nightly-reembed", timeout=0, as_subflow=False) for _ in range(2)]
+            with prefect_client(flows_setup["api"]) as client:
+                deadline = time.monotonic() + 240
+                while time.monotonic() < deadline:
+                    states = [client.read_flow_run(r.id).state for r in runs]
+                    if all(s.is_final() for s in states):
+                        break
+                    time.sleep(2)
+        names = sorted(s.type.value for s in states)
+        assert names == ["CANCELLED", "COMPLETED"], [(s.type.value, s.message) for s in states]
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
