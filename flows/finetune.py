@@ -50,13 +50,17 @@ def entrypoint(cfg: TunedexConfig, config: str, overrides: list[str], run_name: 
 
 
 def job_client(cfg: TunedexConfig) -> Any:
+    """A Jobs API client carrying the cluster's token itself (Ray reads its auth settings only once, at
+    import, so a process that imported Ray earlier would otherwise send none)."""
     from tunedex.infra import services
 
-    os.environ.update(services.ray_env(cfg))  # before Ray is imported: it reads the auth settings once
+    os.environ.update(services.ray_env(cfg))
     from ray.job_submission import JobSubmissionClient
 
     host = cfg.ray.address.removeprefix("ray://").rsplit(":", 1)[0]
-    return JobSubmissionClient(f"http://{host}:{cfg.ray.dashboard_port}")
+    token = cfg.ray_token_path.read_text(encoding="utf-8").strip() if cfg.ray_token_path.is_file() else ""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return JobSubmissionClient(f"http://{host}:{cfg.ray.dashboard_port}", headers=headers)
 
 
 def job_status(client: Any, job_id: str) -> str | None:

@@ -254,6 +254,25 @@ class EvaluateConfig(Section):
     min_score: float = Field(0.0, ge=0, le=1, description="a candidate below this is not promoted")
     max_regression: float = Field(0.0, ge=0, le=1, description="how far below the serving release a candidate may score")
     max_questions: int | None = Field(None, ge=1, description="score only the first N questions")
+    style_pattern: str | None = Field(None, description="regex an answer in the house style matches (style adherence)")
+    gpu_hour_usd: float = Field(2.0, ge=0, description="price of one accelerator hour, for cost per 1k queries")
+    gpus_per_replica: float = Field(1.0, ge=0, description="accelerators one generator replica holds")
+    embedding_usd_per_1m_tokens: float = Field(0.02, ge=0, description="embedding price, for query and corpus embedding cost")
+    facts_change: Literal["daily", "weekly", "rarely"] = Field("daily", description="how often the knowledge changes (decision criterion)")
+    need_attribution: bool = Field(True, description="answers must cite their sources (decision criterion)")
+    latency_budget_ms: float | None = Field(None, gt=0, description="p95 latency a strategy must meet (decision criterion)")
+
+    @field_validator("style_pattern")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression ({exc})") from None
+        return value
 
 
 class PrefectConfig(Section):

@@ -36,9 +36,13 @@ class ServiceStatus:
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts connections there (an unresolvable host counts as no)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        return sock.connect_ex((host, port)) == 0
+        try:
+            return sock.connect_ex((host, port)) == 0
+        except OSError:  # socket.gaierror: the name does not resolve from here
+            return False
 
 
 def free_port() -> int:
@@ -185,7 +189,7 @@ def start_ray(cfg: TunedexConfig, timeout: float = 90.0) -> ServiceStatus:
 
 
 def ray_status(cfg: TunedexConfig) -> ServiceStatus:
-    host, port = cfg.ray.address.rsplit(":", 1)[0], cfg.ray.port
+    host, port = cfg.ray.address.removeprefix("ray://").rsplit(":", 1)[0], cfg.ray.port
     listening = port_open(host, port)
     dashboard = f"http://127.0.0.1:{cfg.ray.dashboard_port}"
     if listening:

@@ -32,9 +32,16 @@ def test_demo_data_is_deterministic_and_day2_changes_facts(tmp_path):
 
 
 def _model_dir(path: Path, weights: str = "model.safetensors") -> Path:
+    import torch
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True)
-    for name in (weights, "config.json", "tokenizer_config.json"):
+    for name in ("config.json", "tokenizer_config.json"):
         (path / name).write_text("{}")
+    if weights.endswith(".safetensors"):
+        save_file({"w": torch.zeros(2)}, str(path / weights))
+    else:
+        (path / weights).write_bytes(b"pickle")
     return path
 
 
@@ -61,3 +68,7 @@ def test_model_dir_checks_refuse_pickles_and_name_the_fix(tmp_path):
     with pytest.raises(registry.RegistryError, match="no \\*.safetensors weights"):
         registry.check_model_dir(pickled)
     registry.check_model_dir(_model_dir(tmp_path / "ok"))
+    corrupt = _model_dir(tmp_path / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(registry.RegistryError, match="unreadable .*re-export the model"):
+        registry.check_model_dir(corrupt)

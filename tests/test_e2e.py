@@ -312,3 +312,21 @@ def test_release_swap_under_load_drops_nothing(pipeline, tmp_path):
     assert served == {a, b}, served
     assert len(results) > 20
     assert httpx.get(f"{url}/readyz", timeout=10).json()["release_id"] == b
+
+
+def test_report_measures_four_strategies_with_intervals(pipeline, demo, tmp_path):
+    cfg, path, cwd = pipeline["cfg"], str(pipeline["path"]), pipeline["cwd"]
+    out = run_cli("report", "-c", path, "--qa", str(demo["qa_day2"]), "--max-questions", "24", "--out", str(tmp_path),
+                  "--set", "evaluate.style_pattern=^Thanks for asking!", cwd=cwd).stdout
+    assert "| strategy | split | n | f1 (95% CI) |" in out and "\nrecommendation: " in out
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert set(data["strategies"]) == {"base", "finetuned", "rag", "hybrid"} and data["n"] == 24
+    hybrid, finetuned = data["strategies"]["hybrid"], data["strategies"]["finetuned"]
+    assert hybrid["ci"]["recall"][0] > 0.5  # retrieval finds the supporting document for most questions
+    assert "recall" not in finetuned and "attribution" in hybrid
+    for s in data["strategies"].values():
+        lo, hi = s["ci"]["f1"]
+        assert lo <= s["f1"] <= hi and s["latency_ms"]["p50"] > 0 and s["cost_per_1k_usd"] > 0
+        assert set(s["by_split"]) <= {"static", "changed"} and len(s["rows"]) == 24
+    assert data["one_off"]["corpus_chunks"] > 0 and data["one_off"]["finetune_usd"] > 0
+    assert (tmp_path / "report.html").read_text().count("<svg") == 3

@@ -105,7 +105,7 @@ def test_schedule_registers_deployments_with_cron_timezone_and_one_run_at_a_time
 
 
 def test_finetune_flow_submits_one_ray_job_and_a_retrigger_trains_nothing(flows_setup):
-    from ray.job_submission import JobSubmissionClient
+    from tunedex.flows.finetune import job_client
 
     path, cwd, cfg = str(flows_setup["path"]), flows_setup["cwd"], flows_setup["cfg"]
     first = last_json(run_cli("flows", "run", "finetune", "-c", path, cwd=cwd))
@@ -113,8 +113,7 @@ def test_finetune_flow_submits_one_ray_job_and_a_retrigger_trains_nothing(flows_
     assert Path(first["model_path"], "model.safetensors").is_file()
     again = last_json(run_cli("flows", "run", "finetune", "-c", path, cwd=cwd))
     assert (again["submitted"], again["job_id"], again["model_path"]) == (False, None, first["model_path"])
-    os.environ.update(services.ray_env(cfg))
-    jobs = JobSubmissionClient(f"http://127.0.0.1:{cfg.ray.dashboard_port}").list_jobs()
+    jobs = job_client(cfg).list_jobs()
     assert [j.submission_id for j in jobs if (j.submission_id or "").startswith(first["run_name"])] == [first["job_id"]]
     assert registry.load_model(cfg.registry_dir, first["run_name"])["path"] == first["model_path"]
 
@@ -153,6 +152,16 @@ def test_evaluate_and_promote_applies_the_gate(flows_setup, demo):
     assert registry.current_release(cfg.registry_dir).eval_report["f1"] == passed["candidate"]["f1"]
     again = last_json(run_cli("flows", "run", "evaluate-and-promote", "-c", path, cwd=cwd))
     assert not again["promoted"] and again["reason"] == "already serving this model and index"
+
+
+def test_refresh_chains_reembed_finetune_and_promotion(flows_setup):
+    path, cwd, cfg = str(flows_setup["path"]), flows_setup["cwd"], flows_setup["cfg"]
+    out = last_json(run_cli("flows", "run", "refresh", "-c", path, "--set", "evaluate.max_regression=1.0", cwd=cwd))
+    assert out["index"]["docs_failed"] == 0 and out["index"]["chunks_total"] > 0
+    assert Path(out["finetune"]["model_path"], "model.safetensors").is_file()
+    current = registry.current_release(cfg.registry_dir)
+    assert out["promotion"]["release_id"] == current.release_id
+    assert Path(current.model_path) == Path(out["finetune"]["model_path"])  # promoted now or already served
 
 
 def test_bad_input_fails_once_and_a_transient_outage_is_retried(flows_setup, tmp_path):

@@ -18,8 +18,10 @@ from tunedex.infra.config import ConfigError, TunedexConfig, dump_config, load_c
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Check and show configuration.")
 flows_app = typer.Typer(no_args_is_help=True, help="Run Prefect flows.")
+k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes manifests rendered from a tunedex config.")
 app.add_typer(config_app, name="config")
 app.add_typer(flows_app, name="flows")
+app.add_typer(k8s_app, name="k8s")
 
 DEFAULT_CONFIG = "configs/local.yaml"
 ConfigOpt = Annotated[
@@ -57,10 +59,12 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     from tunedex.infra.services import ServiceError
     from tunedex.infra.store import StoreUnavailable
     from tunedex.serving.control import SwapError
+    from tunedex.infra.k8s import RenderError
+    from tunedex.workers.evaluate import EvalError
     from tunedex.workers.finetune import FinetuneError
 
     known = (RegistryError, ServiceError, StoreUnavailable, EmbeddingModelError, FinetuneError, FileNotFoundError,
-             SwapError)
+             SwapError, EvalError, RenderError)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -342,6 +346,39 @@ def flows_run(
 
 @app.command()
 @friendly_errors
+def report(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    qa: Optional[Path] = typer.Option(None, help="QA set (default: evaluate.qa_file)"),
+    release_id: Optional[str] = typer.Option(None, "--release", help="release to evaluate (default: the promoted one)"),
+    strategies: str = typer.Option("base,finetuned,rag,hybrid", help="comma-separated: base, finetuned, rag, hybrid"),
+    out: Path = typer.Option(Path("reports"), help="directory for report.json and report.html"),
+    max_questions: Optional[int] = typer.Option(None, min=1, help="evaluate only the first N questions"),
+) -> None:
+    """Measure fine-tune vs RAG vs both on your QA set; print the table and a recommendation, write JSON + HTML."""
+    from tunedex.infra import registry
+    from tunedex.workers.evaluate import build_report
+    from tunedex.workers.report import table, write
+
+    cfg = setup(config, set_)
+    qa_file = qa or cfg.evaluate.qa_file
+    if qa_file is None:
+        raise ConfigError("no QA set: pass --qa FILE or set evaluate.qa_file (try DIR/day2/qa.jsonl from `tunedex demo-data`)")
+    release = registry.load_release(cfg.registry_dir, release_id) if release_id else registry.current_release(cfg.registry_dir)
+    if release is None:
+        raise registry.RegistryError(f"no promoted release in {cfg.registry_dir}; run `tunedex promote` or pass --release")
+    data = build_report(cfg, release, qa_file, [s.strip() for s in strategies.split(",") if s.strip()],
+                        max_questions or cfg.evaluate.max_questions)
+    json_path, html_path = write(data, out)
+    typer.echo(table(data))
+    typer.echo("")
+    for line in data["recommendation"]:
+        typer.echo(line if line.startswith("recommendation") else f"  - {line}")
+    typer.echo(f"report: {html_path} (data: {json_path})")
+
+
+@app.command()
+@friendly_errors
 def schedule(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Register the flows as Prefect deployments, with the cron schedules from `prefect.*` (UI: Deployments)."""
     cfg = setup(config, set_)
@@ -375,6 +412,23 @@ def deployment_config(config: Path | None) -> str:
     if path is None:
         raise ConfigError("deployments hand their config file to every run; pass -c CONFIG")
     return str(path.resolve())
+
+
+@k8s_app.command("render")
+@friendly_errors
+def k8s_render(
+    out: Annotated[Path, typer.Argument(help="directory to write: new or empty (or --overwrite)")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="the cluster config, e.g. configs/cluster.yaml")],
+    image: Annotated[Optional[str], typer.Option(help="tunedex image with a version tag or digest")] = None,
+    release: Annotated[Optional[str], typer.Option(help="release id the RayService's Serve config also loads")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace what an earlier render wrote in OUT")] = False,
+) -> None:
+    """Write kustomize manifests (base, overlays dev/prod, RayJobs) for CONFIG into OUT."""
+    from tunedex.infra.k8s import render
+
+    files = render(config, out, image, release_id=release, overwrite=overwrite)
+    typer.echo(f"wrote {len(files)} files under {out}")
+    typer.echo(f"next: the namespace and Secrets (docs/cluster.md, step 5), then kubectl apply -k {out}/overlays/dev")
 
 
 def prefect_env(cfg: TunedexConfig) -> None:
