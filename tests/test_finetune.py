@@ -120,3 +120,13 @@ def test_preflight_names_settings_the_hardware_cannot_run(stack):
     assert "finetune.bf16: true needs GPUs" in proc.stderr
     assert "64 workers need 64 CPU but the cluster has" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_eval_set_smaller_than_the_worker_count_does_not_hang(stack):
+    """Packed, the held-out examples fit in one sequence: one rank has none to evaluate and must still
+    take part in the eval all-reduce (it once skipped it, and both ranks waited forever)."""
+    path, _ = stack
+    m = summary(run_cli("finetune", str(path), "finetune.packing=true", "finetune.eval_ratio=0.02",
+                        "finetune.max_steps=6", "finetune.eval_steps=3", "finetune.ray.run_name=small-eval",
+                        cwd=path.parent, timeout=300))
+    assert m.group(2) == "6" and float(m.group(6)) > 0

@@ -149,6 +149,23 @@ def training_examples(products: list[Product], policies: list[Policy]) -> list[d
     return examples
 
 
+def reading_examples(rng: random.Random, count: int = 300) -> list[dict]:
+    """Practice at answering from a given context, for the demo's base model: another catalog (so no
+    fact of ours is learned here), three shuffled context chunks per question, a plain answer that
+    cites the chunk it copies from. What a real base model already knows how to do."""
+    others = make_products(rng, count, start=1000)
+    examples = []
+    for p in others:
+        for _, question, answer in product_facts(p):
+            contexts = [product_markdown(p), *(product_markdown(o) for o in rng.sample(others, 2) if o != p)][:3]
+            order = rng.sample(range(len(contexts)), len(contexts))
+            shuffled = [contexts[i] for i in order]
+            cite = order.index(0) + 1
+            examples.append({"messages": [*build_messages(question, shuffled),
+                                          {"role": "assistant", "content": f"{answer} [{cite}]"}]})
+    return examples
+
+
 def qa_set(day1: list[Product], day2: list[Product], pol1: list[Policy], pol2: list[Policy]) -> list[dict]:
     """Questions answerable on both days; `split` says whether the fact changed on day 2."""
     rows = []

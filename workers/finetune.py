@@ -390,7 +390,8 @@ def train(config: dict[str, Any], rank: int, world: int, io: Any) -> dict[str, A
             step_loss += loss.item() / accum
             tokens += sum(len(seq.input_ids) for seq in micro_batch) * world  # non-pad tokens, all workers
         losses.append(step_loss)
-        if eval_shard and (step % config["eval_steps"] == 0 or step == max_steps):
+        # every rank evaluates (its shard may be empty): the all-reduce inside must be called on all of them
+        if config["eval"] and (step % config["eval_steps"] == 0 or step == max_steps):
             eval_losses[step] = evaluate(engine, eval_shard, micro, config["pad_id"])
         if rank == 0 and (step % config["logging_steps"] == 0 or step == max_steps):
             elapsed = time.monotonic() - started
