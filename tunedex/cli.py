@@ -143,6 +143,20 @@ def status(config: ConfigOpt = None) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+@friendly_errors
+def doctor(config: ConfigOpt = None) -> None:
+    """Check that the Ray control plane refuses requests without the token; exit 1 on any problem."""
+    from tunedex.infra.doctor import probe
+
+    cfg = setup(config)  # sets RAY_AUTH_MODE=token and the token file, as every tunedex process does
+    findings = probe(cfg)
+    for f in findings:
+        typer.echo(f"{'ok   ' if f.ok else 'ERROR'} {f.what}: {f.detail}")
+    if not all(f.ok for f in findings):
+        raise typer.Exit(1)
+
+
 @app.command("demo-data")
 @friendly_errors
 def demo_data(out: Path, products: int = typer.Option(30, min=3, help="products in the day-1 catalog")) -> None:
