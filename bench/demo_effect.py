@@ -68,7 +68,7 @@ def main() -> None:
         print(ft.summary, flush=True)
         index_corpus(cfg, demo["day2"])
         collection = store.resolve_alias(store.connect(cfg.milvus), store.live_alias(cfg.milvus))
-        release = registry.new_release(Path(ft.output_dir), collection, cfg.embedding.model, base_model=base.output_dir)
+        release = registry.new_release(Path(ft.output_dir), collection, cfg.embedding.model)  # base: from its card
         report = build_report(load_config(path, ["evaluate.style_pattern=^Thanks for asking!", "evaluate.metric=contains"]),
                               release, demo["qa_day2"], ["base", "finetuned", "rag", "hybrid"])
         print(table(report))

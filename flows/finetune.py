@@ -43,8 +43,7 @@ def submission_id(cfg: TunedexConfig) -> str:
 
 def entrypoint(cfg: TunedexConfig, config: str, overrides: list[str], run_name: str) -> str:
     """The job's command: the same `tunedex finetune` a user types, with the run name pinned."""
-    local = not cfg.ray.address.startswith("ray://") and cfg.ray.address.split(":")[0] in ("127.0.0.1", "localhost")
-    python = sys.executable if local else "python"  # a cluster runs the image's Python
+    python = sys.executable if cfg.ray.is_local else "python"  # a cluster runs the image's Python
     args = [python, "-m", "tunedex.cli", "finetune", config, *overrides, f"finetune.ray.run_name={run_name}"]
     return " ".join(shlex.quote(a) for a in args)
 
@@ -57,10 +56,9 @@ def job_client(cfg: TunedexConfig) -> Any:
     os.environ.update(services.ray_env(cfg))
     from ray.job_submission import JobSubmissionClient
 
-    host = cfg.ray.address.removeprefix("ray://").rsplit(":", 1)[0]
     token = cfg.ray_token_path.read_text(encoding="utf-8").strip() if cfg.ray_token_path.is_file() else ""
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    return JobSubmissionClient(f"http://{host}:{cfg.ray.dashboard_port}", headers=headers)
+    return JobSubmissionClient(f"http://{cfg.ray.host}:{cfg.ray.dashboard_port}", headers=headers)
 
 
 def job_status(client: Any, job_id: str) -> str | None:

@@ -32,13 +32,7 @@ def promote_task(config: str, overrides: list[str], model_path: str, collection:
     from tunedex.serving.control import promote
 
     cfg = flow_config(config, overrides)
-    card = Path(model_path) / "model_card.json"
-    base = ""
-    if card.is_file():
-        import json
-
-        base = json.loads(card.read_text(encoding="utf-8")).get("base_model_path", "")
-    release = registry.new_release(Path(model_path), collection, cfg.embedding.model, eval_report=summary, base_model=base)
+    release = registry.new_release(Path(model_path), collection, cfg.embedding.model, eval_report=summary)
     registry.save_release(cfg.registry_dir, release)
     promote(cfg, Path(config).resolve(), overrides, release)
     return release.release_id

@@ -97,8 +97,17 @@ class RayConfig(Section):
     auth_token_path: Path | None = Field(None, description="Ray auth token file; default DATA_DIR/ray_auth_token")
 
     @property
+    def host(self) -> str:
+        return self.address.removeprefix("ray://").rsplit(":", 1)[0]
+
+    @property
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[-1])
+
+    @property
+    def is_local(self) -> bool:
+        """A head on this machine, reached directly (not through a `ray://` client address)."""
+        return not self.address.startswith("ray://") and self.host in ("127.0.0.1", "localhost")
 
 
 class EmbeddingConfig(Section):

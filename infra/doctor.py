@@ -69,11 +69,10 @@ def probe(cfg: TunedexConfig) -> list[Finding]:
 
     from tunedex.infra.services import port_open
 
-    local = not cfg.ray.address.startswith("ray://") and cfg.ray.address.split(":")[0] in ("127.0.0.1", "localhost")
     dashboard = f"http://127.0.0.1:{cfg.ray.dashboard_port}"
     statuses: list[int | None] = [None, None]
     exposed = None
-    if local and port_open("127.0.0.1", cfg.ray.dashboard_port):
+    if cfg.ray.is_local and port_open("127.0.0.1", cfg.ray.dashboard_port):
         for i, headers in enumerate(({}, {"Authorization": "Bearer not-the-token"})):
             statuses[i] = httpx.get(f"{dashboard}/api/jobs/", headers=headers, timeout=10).status_code
         address = non_loopback_address()

@@ -64,8 +64,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def new_release(model_path: Path, collection: str, embedding_model: str, eval_report: dict | None = None,
-                base_model: str = "") -> Release:
+def base_model_of(model_path: Path) -> str:
+    """What the model was fine-tuned from, as its model card records it ("" when it has no card)."""
+    card = model_path / "model_card.json"
+    return json.loads(card.read_text(encoding="utf-8")).get("base_model_path", "") if card.is_file() else ""
+
+
+def new_release(model_path: Path, collection: str, embedding_model: str, eval_report: dict | None = None) -> Release:
     now = datetime.now(timezone.utc)
     digest = content_hash(f"{model_path.resolve()}|{collection}|{now.isoformat()}")[:6]
     return Release(
@@ -75,7 +80,7 @@ def new_release(model_path: Path, collection: str, embedding_model: str, eval_re
         embedding_model=embedding_model,
         created_at=now.isoformat(timespec="seconds"),
         eval_report=eval_report or {},
-        base_model=base_model,
+        base_model=base_model_of(model_path),
     )
 
 

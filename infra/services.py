@@ -156,7 +156,7 @@ def stop_milvus(cfg: TunedexConfig, timeout: float = 15.0) -> bool:
 
 
 def start_ray(cfg: TunedexConfig, timeout: float = 90.0) -> ServiceStatus:
-    host, port = cfg.ray.address.rsplit(":", 1)[0], cfg.ray.port
+    host, port = cfg.ray.host, cfg.ray.port
     if (cfg.run_dir / "ray.started").exists() and port_open(host, port):
         return ray_status(cfg)
     for taken in (port, cfg.ray.dashboard_port, cfg.ray.client_server_port, cfg.ray.metrics_export_port):
@@ -189,8 +189,7 @@ def start_ray(cfg: TunedexConfig, timeout: float = 90.0) -> ServiceStatus:
 
 
 def ray_status(cfg: TunedexConfig) -> ServiceStatus:
-    host, port = cfg.ray.address.removeprefix("ray://").rsplit(":", 1)[0], cfg.ray.port
-    listening = port_open(host, port)
+    listening = port_open(cfg.ray.host, cfg.ray.port)
     dashboard = f"http://127.0.0.1:{cfg.ray.dashboard_port}"
     if listening:
         detail = f"dashboard {dashboard}, token auth on ({cfg.ray_token_path})"
@@ -249,7 +248,7 @@ def up(cfg: TunedexConfig) -> list[ServiceStatus]:
     started = []
     if cfg.milvus.local_server and cfg.milvus.is_loopback:
         started.append(start_milvus(cfg))
-    if cfg.ray.local_head and cfg.ray.address.split(":")[0] in ("127.0.0.1", "localhost"):
+    if cfg.ray.local_head and cfg.ray.is_local:
         started.append(start_ray(cfg))
     return started
 

@@ -123,8 +123,7 @@ def promote(cfg: TunedexConfig, config: Path | None, overrides: list[str], relea
     Returns whether a running endpoint switched."""
     from tunedex.infra import services
 
-    host = cfg.ray.address.removeprefix("ray://").rsplit(":", 1)[0]
-    if not cfg.ray.address.startswith("ray://") and not services.port_open(host, cfg.ray.port):
+    if not cfg.ray.address.startswith("ray://") and not services.port_open(cfg.ray.host, cfg.ray.port):
         registry.promote(cfg.registry_dir, release)
         return False
     import os

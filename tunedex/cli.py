@@ -238,9 +238,7 @@ def promote(
             collection = store.resolve_alias(client, store.live_alias(cfg.milvus))
             if collection is None:
                 raise registry.RegistryError("no indexed collection yet; run `tunedex index CORPUS` or pass --collection")
-        card = model / "model_card.json"
-        base = json.loads(card.read_text(encoding="utf-8")).get("base_model_path", "") if card.is_file() else ""
-        release = registry.new_release(model, collection, cfg.embedding.model, base_model=base)
+        release = registry.new_release(model, collection, cfg.embedding.model)
         registry.save_release(cfg.registry_dir, release)
     swapped = promote_release(cfg, config, set_, release)
     typer.echo(f"promoted {release.release_id}: model {release.model_path}, collection {release.collection}"

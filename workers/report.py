@@ -133,10 +133,11 @@ def charts(report: dict[str, Any]) -> list[str]:
 
 def to_html(report: dict[str, Any]) -> str:
     rows = "".join(f"<li>{html.escape(line)}</li>" for line in report["recommendation"][1:])
+    lines = table(report).splitlines()
     table_rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
-        for line in table(report).splitlines()[2:])
-    header = "".join(f"<th>{html.escape(c.strip())}</th>" for c in table(report).splitlines()[0].strip("|").split("|"))
+        for line in lines[2:])
+    header = "".join(f"<th>{html.escape(c.strip())}</th>" for c in lines[0].strip("|").split("|"))
     one_off = "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in report["one_off"].items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>tunedex report {html.escape(report['release_id'])}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;font-size:12px}}</style>
