@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 DEMO   := demo-data
 
-.PHONY: install demo test down clean
+.PHONY: install demo test reliability down clean
 
 install: $(STAMP)
 
@@ -36,8 +36,13 @@ demo: install
 
 # pytest exits 5 when it collected no tests: that is reported apart from failures, and fails too.
 test: install
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -m "not soak" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 1; fi; exit $$rc
+
+# Every shared/RELIABILITY.md scenario (S1-S16), the soak runs included; writes docs/reliability.md.
+reliability: install
+	@$(BIN)/python -m pytest -m scenario --scenario-table docs/reliability.md $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make reliability: pytest collected no scenario tests (exit 5)"; exit 1; fi; exit $$rc
 
 down:
 	$(BIN)/tunedex down -c $(CONFIG)

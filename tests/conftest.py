@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,84 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo: dict[str, Path]):
         yield path, cfg
     finally:
         services.down(cfg)
+
+
+@pytest.fixture(scope="session")
+def pipeline(stack, demo):
+    """The README's path on the stack: index day 1, fine-tune, promote, serve. Tests that change what the
+    endpoint serves leave a release serving; tests/reliability runs after the rest (see below)."""
+    path, cfg = stack
+    cwd = path.parent
+    out = {"cfg": cfg, "path": path, "cwd": cwd}
+    out["check"] = run_cli("config", "check", str(path), cwd=cwd)
+    out["index"] = run_cli("index", str(demo["day1"]), "-c", str(path), cwd=cwd)
+    out["finetune"] = run_cli("finetune", str(path), "finetune.max_steps=30", cwd=cwd)
+    out["promote"] = run_cli("promote", "-c", str(path), cwd=cwd)
+    out["serve"] = run_cli("serve", "-c", str(path), cwd=cwd)
+    return out
+
+
+# ---- the reliability table: `make reliability` runs every test marked `scenario` and writes the table ----
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--scenario-table", metavar="PATH", default=None,
+                     help="write a Markdown table of the shared/RELIABILITY.md scenarios run and what held")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fault scenarios run last, so that what they do to the shared stack cannot disturb the other tests."""
+    items.sort(key=lambda item: "reliability" in item.path.parts)
+
+
+_SCENARIOS: dict[str, dict] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    entry = _SCENARIOS.get(report.nodeid)
+    if entry is None:
+        return
+    if report.when == "call" or report.outcome != "passed":
+        entry["outcome"] = "skipped" if report.skipped else report.outcome if report.when == "call" else f"error in {report.when}"
+        entry["seconds"] += report.duration
+        entry["held"] = [str(v) for k, v in report.user_properties if k == "held"]
+        if report.failed:
+            entry["detail"] = str(report.longrepr).strip().splitlines()[-1][:200]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    for item in session.items:
+        mark = item.get_closest_marker("scenario")
+        if mark is not None:
+            sid, applies = mark.args
+            _SCENARIOS[item.nodeid] = {"id": sid, "applies": applies, "outcome": "not run", "seconds": 0.0,
+                                       "held": [], "soak": item.get_closest_marker("soak") is not None}
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = session.config.getoption("--scenario-table")
+    if not path or not _SCENARIOS:
+        return
+    Path(path).write_text(scenario_table(list(_SCENARIOS.items())))
+
+
+def scenario_table(entries: list[tuple[str, dict]]) -> str:
+    order = sorted(entries, key=lambda e: (int(e[1]["id"].lstrip("S")), e[0]))
+    lines = [
+        "# Reliability scenarios: the last `make reliability` run",
+        "",
+        f"Written by `make reliability` on {time.strftime('%Y-%m-%d %H:%M %Z')} ({len(order)} tests). Each row is a test "
+        "that applies a scenario of shared/RELIABILITY.md for real on one machine (localhost only) and asserts its "
+        "\"must hold\" line; *soak* rows are the kill loops and load runs `make test` leaves out.",
+        "",
+        "| Scenario | What it applies | Test | Result | What held (figures from the run) |",
+        "|---|---|---|---|---|",
+    ]
+    for nodeid, e in order:
+        test = nodeid.split("::", 1)[-1] + (" *(soak)*" if e["soak"] else "")
+        held = "; ".join(e["held"]) or e.get("detail", "")
+        result = f"{e['outcome']} ({e['seconds']:.0f} s)"
+        lines.append(f"| {e['id']} | {e['applies']} | `{test}` | {result} | {held} |".replace("\n", " "))
+    missing = sorted({f"S{i}" for i in range(1, 17)} - {e["id"] for _, e in order}, key=lambda s: int(s[1:]))
+    if missing:
+        lines += ["", f"No test ran for: {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"

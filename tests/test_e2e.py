@@ -20,19 +20,6 @@ README_COMMANDS = ["tunedex up", "tunedex demo-data", "tunedex index", "tunedex 
                    "tunedex config check", "make demo", "make test"]
 
 
-@pytest.fixture(scope="module")
-def pipeline(stack, demo):
-    path, cfg = stack
-    cwd = path.parent
-    out = {"cfg": cfg, "path": path, "cwd": cwd}
-    out["check"] = run_cli("config", "check", str(path), cwd=cwd)
-    out["index"] = run_cli("index", str(demo["day1"]), "-c", str(path), cwd=cwd)
-    out["finetune"] = run_cli("finetune", str(path), "finetune.max_steps=30", cwd=cwd)
-    out["promote"] = run_cli("promote", "-c", str(path), cwd=cwd)
-    out["serve"] = run_cli("serve", "-c", str(path), cwd=cwd)
-    return out
-
-
 def test_readme_documents_the_commands_exercised_here():
     readme = (REPO / "README.md").read_text()
     missing = [c for c in README_COMMANDS if c not in readme]
@@ -163,39 +150,6 @@ def test_openai_client_chat_streaming_models_and_errors(pipeline):
         openai.OpenAI(base_url=f"{cfg.serve.url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
-def test_oversized_bodies_and_prompts_get_clear_4xx(pipeline):
-    url = pipeline["cfg"].serve.url
-    big = httpx.post(f"{url}/v1/query", content=b"x" * 1_500_000, headers={**AUTH, "Content-Type": "application/json"},
-                     timeout=60)
-    assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large", (big.status_code, big.text[:300])
-
-    def chunked():
-        for _ in range(30):
-            yield b"y" * 50_000
-
-    streamed = httpx.post(f"{url}/v1/query", content=chunked(), headers={**AUTH, "Content-Type": "application/json"},
-                          timeout=60)
-    assert streamed.status_code == 413
-    long_chat = {"messages": [{"role": "user", "content": "word " * 3900}] * 2}
-    resp = httpx.post(f"{url}/v1/chat/completions", json=long_chat, headers=AUTH, timeout=60)
-    assert resp.status_code == 422 and "serve.max_prompt_chars" in resp.json()["error"]["message"]
-    ok = httpx.post(f"{url}/v1/query", json={"question": "When is shipping free?", "mode": "retrieve"},
-                    headers=AUTH, timeout=60)
-    assert ok.status_code == 200  # the endpoint is fine afterwards
-
-
-def test_every_route_but_the_probes_requires_the_key(pipeline):
-    from tunedex.serving.app import OPEN_ROUTES
-
-    url = pipeline["cfg"].serve.url
-    spec = httpx.get(f"{url}/openapi.json", headers=AUTH, timeout=30).json()  # the routes the replica serves
-    routes = [(path, m.upper()) for path, ops in spec["paths"].items() for m in ops] + [("/openapi.json", "GET")]
-    assert {"/v1/query", "/v1/chat/completions", "/v1/completions", "/v1/models"} <= {p for p, _ in routes}
-    for path, method in routes:
-        resp = httpx.request(method, f"{url}{path}", json={}, timeout=30)
-        assert resp.status_code == (200 if path in OPEN_ROUTES else 401), (method, path, resp.status_code)
-
-
 def test_openai_client_text_completions_with_sources(pipeline):
     import openai
 
@@ -235,83 +189,6 @@ def test_request_metrics_are_exported_by_route_status_and_release(pipeline):
         time.sleep(2)
     missing = [w for w in wanted if not re.search(w, text)]
     assert not missing, missing
-
-
-def test_release_swap_under_load_drops_nothing(pipeline, tmp_path):
-    """promote A -> B, rollback -> A, two broken releases refused, promote B again (cold load), all while
-    clients query and stream; every answer names the release that produced it."""
-    import openai
-
-    cfg, path, cwd = pipeline["cfg"], str(pipeline["path"]), pipeline["cwd"]
-    url = cfg.serve.url
-    a = httpx.get(f"{url}/readyz", timeout=10).json()["release_id"]
-    model_a = Path(json.loads((cfg.registry_dir / "releases" / f"{a}.json").read_text())["model_path"])
-    model_b = tmp_path / "model-b"
-    shutil.copytree(model_a, model_b)
-    results: list[tuple[str, int, str]] = []
-    failures: list[str] = []
-    stop = threading.Event()
-
-    def query_loop() -> None:
-        with httpx.Client(timeout=120) as http:
-            while not stop.is_set():
-                try:
-                    resp = http.post(f"{url}/v1/query", json={"question": "When is shipping free?"}, headers=AUTH)
-                    results.append(("query", resp.status_code, resp.json().get("release_id", "")))
-                except Exception as exc:  # noqa: BLE001 - every failure is what this test counts
-                    failures.append(repr(exc))
-
-    def stream_loop() -> None:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="test-key-123", max_retries=0, timeout=120)
-        while not stop.is_set():
-            try:
-                chunks = list(client.chat.completions.create(
-                    model="tunedex", stream=True, max_tokens=24,
-                    messages=[{"role": "user", "content": "Tell me about the Quartz lamp"}]))
-                models = {c.model for c in chunks}
-                ok = chunks[-1].choices[0].finish_reason == "stop" and len(models) == 1
-                results.append(("stream", 200 if ok else 0, chunks[0].model_extra["release_id"]))
-            except Exception as exc:  # noqa: BLE001
-                failures.append(repr(exc))
-
-    threads = [threading.Thread(target=query_loop) for _ in range(3)] + [threading.Thread(target=stream_loop)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(2)
-        out = run_cli("promote", "--model", str(model_b), "-c", path, "--set", "serve.serve_base_model=true",
-                      cwd=cwd).stdout
-        b = re.search(r"promoted (rel-\S+):", out).group(1)
-        assert "the endpoint now serves it" in out and b != a
-        assert httpx.get(f"{url}/readyz", timeout=10).json()["release_id"] == b
-        rag = httpx.post(f"{url}/v1/query", json={"question": "When is shipping free?", "mode": "rag"},
-                         headers=AUTH, timeout=60)
-        assert rag.status_code == 200 and rag.json()["release_id"] == b  # B loaded its base model too
-        time.sleep(2)
-        assert f"rolled back to {a}" in run_cli("rollback", "-c", path, cwd=cwd).stdout
-        assert httpx.get(f"{url}/readyz", timeout=10).json()["release_id"] == a
-        broken = tmp_path / "model-c"
-        shutil.copytree(model_a, broken)
-        (broken / "model.safetensors").write_bytes(b"\x00" * 64)
-        proc = run_cli("promote", "--model", str(broken), "-c", path, cwd=cwd, check=False)
-        assert proc.returncode == 1 and "unreadable" in proc.stderr and "Traceback" not in proc.stderr
-        (broken / "model.safetensors").write_bytes((model_a / "model.safetensors").read_bytes())
-        (broken / "config.json").write_text('{"model_type": "gpt2", "n_embd": "many"}')
-        proc = run_cli("promote", "--model", str(broken), "-c", path, cwd=cwd, check=False)
-        assert proc.returncode == 1 and "failed to start" in proc.stderr and "serving release keeps serving" in proc.stderr
-        assert httpx.get(f"{url}/readyz", timeout=10).json()["release_id"] == a
-        run_cli("promote", b, "-c", path, cwd=cwd)  # B was retired to make room for the broken one: a cold load
-        time.sleep(2)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=180)
-    assert not failures, failures[:5]
-    assert all(status == 200 for _, status, _ in results), [r for r in results if r[1] != 200][:5]
-    served = {release for _, _, release in results}
-    assert served == {a, b}, served
-    assert len(results) > 20
-    assert httpx.get(f"{url}/readyz", timeout=10).json()["release_id"] == b
 
 
 def test_report_measures_four_strategies_with_intervals(pipeline, demo, tmp_path):

@@ -11,7 +11,7 @@ from conftest import run_cli
 from tunedex.infra.doctor import assess, non_loopback_address
 from tunedex.infra.services import port_open
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.scenario("S12", "Jobs and Serve API calls without a token, with a wrong one, with a browser Origin; a connect on the host address")]
 
 
 def test_jobs_api_refuses_no_token_and_a_wrong_token_and_runs_nothing(stack, tmp_path):

@@ -20,7 +20,7 @@ from tunedex.workers.sources import load_documents
 
 from conftest import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.soak, pytest.mark.scenario("S1", "kill -9 of the indexer at random points (3 times the Milvus Lite server too), 30% churn per run, 1% before the last")]
 
 WORDS = ("kettle lamp chair desk cable warranty refund shipping battery screen speaker mouse keyboard "
          "stock price order invoice repair replace delivery return colour size model series").split()
