@@ -1,10 +1,19 @@
-"""Prefect deployments of the tunedex flows: schedules from the config, one run at a time per flow."""
+"""Prefect deployments of the tunedex flows: schedules from the config, one run at a time per flow, and
+crash detection for runs whose process died with nobody left to report it."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Callable
 
 from tunedex.infra.config import TunedexConfig
+
+# Prefect's floor is 30 s and its docs ask for "an integer greater than 30".
+HEARTBEAT_SECONDS = 31
+# A run whose worker died before its process started (stuck in PENDING) holds the one slot until its lease
+# expires: Prefect's default is 300 s; 60 s is its minimum and ample for `tunedex worker` to start a process.
+SLOT_GRACE_SECONDS = 60
+CRASH_DETECTION = "tunedex: crash runs that stopped heartbeating"
 
 
 def flows() -> dict[str, Callable[..., Any]]:
@@ -23,7 +32,8 @@ def deployments(cfg: TunedexConfig, config: str, overrides: list[str]) -> list[A
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
 
-    limit = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    limit = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW,
+                                   grace_period_seconds=SLOT_GRACE_SECONDS)
     crons = {"nightly-reembed": cfg.prefect.reembed_cron, "refresh": cfg.prefect.refresh_cron}
     out = []
     for name, fn in flows().items():
@@ -34,3 +44,51 @@ def deployments(cfg: TunedexConfig, config: str, overrides: list[str]) -> list[A
             work_pool_name=cfg.prefect.work_pool,
         ))
     return out
+
+
+def crash_detection(heartbeat_seconds: int = HEARTBEAT_SECONDS) -> Any:
+    """Prefect's zombie-run automation: a running flow run with no heartbeat for 1.6 heartbeats is marked
+    Crashed, which also frees its concurrency slot. A process killed with its worker (a lost machine or pod)
+    has nobody else to report it; its engine would keep the slot's lease renewed for 300 s otherwise.
+    The window is under 2 heartbeats (plus Prefect's 5 s evaluation tick) and leaves a late heartbeat 19 s."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    final = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+    return Automation(
+        name=CRASH_DETECTION,
+        description=f"flow runs emit a heartbeat every {heartbeat_seconds} s (PREFECT_FLOWS_HEARTBEAT_FREQUENCY)",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat"} | final,
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=round(heartbeat_seconds * 1.6)),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {round(heartbeat_seconds * 1.6)} s: its process died")],
+    )
+
+
+def apply_crash_detection(heartbeat_seconds: int = HEARTBEAT_SECONDS) -> Any:
+    """Create tunedex's crash-detection automation on the current Prefect API, or bring it up to date."""
+    from prefect.automations import Automation
+
+    wanted = crash_detection(heartbeat_seconds)
+    try:
+        wanted.id = Automation.read(name=wanted.name).id
+    except ValueError:  # not there yet
+        return wanted.create()
+    wanted.update()
+    return wanted
+
+
+def serve_deployments(cfg: TunedexConfig, config: str, overrides: list[str]) -> None:
+    """`tunedex worker`: serve every deployment here; each run heartbeats, and runs that stop heartbeating
+    are marked Crashed (see `crash_detection`)."""
+    from prefect import serve
+
+    apply_crash_detection()
+    serve(*deployments(cfg, config, overrides), pause_on_shutdown=False, heartbeat_seconds=HEARTBEAT_SECONDS)

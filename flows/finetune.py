@@ -45,6 +45,10 @@ def entrypoint(cfg: TunedexConfig, config: str, overrides: list[str], run_name: 
     """The job's command: the same `tunedex finetune` a user types, with the run name pinned."""
     python = sys.executable if cfg.ray.is_local else "python"  # a cluster runs the image's Python
     args = [python, "-m", "tunedex.cli", "finetune", config, *overrides, f"finetune.ray.run_name={run_name}"]
+    if cfg.ray.is_local:
+        # Ray's job supervisor points the driver at the newest cluster in the machine's shared /tmp/ray, which is
+        # another one when several run on one machine (two data dirs, parallel tests): pin this cluster.
+        args = ["env", f"RAY_ADDRESS={cfg.ray.address}", *args]
     return " ".join(shlex.quote(a) for a in args)
 
 

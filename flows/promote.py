@@ -32,7 +32,8 @@ def promote_task(config: str, overrides: list[str], model_path: str, collection:
     from tunedex.serving.control import promote
 
     cfg = flow_config(config, overrides)
-    release = registry.new_release(Path(model_path), collection, cfg.embedding.model, eval_report=summary)
+    release = registry.new_release(Path(model_path), collection, cfg.embedding.model, eval_report=summary,
+                                   consistency_level=cfg.milvus.consistency_level)
     registry.save_release(cfg.registry_dir, release)
     promote(cfg, Path(config).resolve(), overrides, release)
     return release.release_id

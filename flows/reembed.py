@@ -29,6 +29,8 @@ def report_markdown(report: dict) -> str:
     keys = ["docs_added", "docs_changed", "docs_removed", "docs_unchanged", "docs_failed",
             "chunks_embedded", "chunks_retagged", "chunks_deleted", "chunks_total", "seconds"]
     rows = "\n".join(f"| {k} | {report[k]} |" for k in keys)
+    drift = report.get("drift") or {}
+    rows += "".join(f"\n| drift_{k} | {v} |" for k, v in drift.items())  # repaired store drift (docs, rows)
     return f"### Index run: `{report['collection']}`\n\n| figure | value |\n|---|---|\n{rows}\n"
 
 

@@ -204,7 +204,7 @@ class FinetuneConfig(Section):
 
 
 SERVE_DEPLOYMENTS = ("Ingress", "Release", "Retriever", "Generator", "BaseGenerator")
-SERVE_OPTIONS = {"num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests",
+SERVE_OPTIONS = {"num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests", "backpressure_config",
                  "ray_actor_options", "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s",
                  "health_check_period_s", "health_check_timeout_s"}
 
@@ -217,10 +217,13 @@ class ServeConfig(Section):
     api_key: str | None = Field(None, description="Bearer key every non-health route requires")
     api_key_file: Path | None = Field(None, description="file holding the key (a mounted Secret); read when api_key is unset")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    max_header_bytes: int = Field(16_384, ge=1024, description="larger request headers (all fields) get 431")
     max_prompt_chars: int = Field(16_000, ge=100, description="longer chat prompts (all messages) get 422")
     max_batch_size: int = Field(16, ge=1, le=256, description="concurrent generations gathered into one batch")
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=5, description="how long a batch waits to fill")
     serve_base_model: bool = Field(False, description="also load the release's base model, for `mode: rag`")
+    system_prompt: str | None = Field(None, max_length=20_000, description=(
+        "the assistant's instructions (default: tunedex's own); answers that repeat them are withheld"))
     deployments: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Ray Serve options per deployment (Ingress, Release, Retriever, Generator, BaseGenerator)",

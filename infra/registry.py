@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tunedex.infra.ids import content_hash
+from tunedex.infra.ids import content_hash, slug
 
 
 class RegistryError(ValueError):
@@ -31,12 +31,14 @@ class Release:
     created_at: str
     eval_report: dict[str, Any] = field(default_factory=dict)
     base_model: str = ""  # what the model was fine-tuned from (a dir or hub id), for `mode: rag`
+    consistency_level: str = ""  # what the release's retrieval reads at (milvus.consistency_level when promoted)
 
 
 def check_model_dir(path: Path) -> None:
     """A servable model dir holds safetensors weights, a config and a tokenizer."""
     if not path.is_dir():
-        raise RegistryError(f"model dir {path} does not exist; run `tunedex finetune` first or pass an existing path")
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise RegistryError(f"model dir {path} {what}; run `tunedex finetune` first or pass an exported model dir")
     if not any(path.glob("*.safetensors")):
         raise RegistryError(
             f"model dir {path} has no *.safetensors weights; export with `tunedex finetune` (pickled .bin weights are refused)"
@@ -44,6 +46,13 @@ def check_model_dir(path: Path) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         if not (path / name).is_file():
             raise RegistryError(f"model dir {path} has no {name}; it is not a complete exported model")
+        try:
+            meta = json.loads((path / name).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise RegistryError(f"model dir {path}: {name} is not valid JSON ({exc}); re-export the model") from None
+        if isinstance(meta, dict) and meta.get("auto_map"):  # custom code, run on load
+            raise RegistryError(f"model dir {path}: {name} has auto_map (custom model code); tunedex serves with "
+                                "trust_remote_code=false: export a model transformers supports natively")
     from safetensors import safe_open
 
     for weights in sorted(path.glob("*.safetensors")):
@@ -70,7 +79,12 @@ def base_model_of(model_path: Path) -> str:
     return json.loads(card.read_text(encoding="utf-8")).get("base_model_path", "") if card.is_file() else ""
 
 
-def new_release(model_path: Path, collection: str, embedding_model: str, eval_report: dict | None = None) -> Release:
+def new_release(model_path: Path, collection: str, embedding_model: str, eval_report: dict | None = None,
+                consistency_level: str = "") -> Release:
+    if not collection.endswith(f"__{slug(embedding_model)}"):
+        # a collection is named after the model that embedded it (`<prefix>__<model slug>`)
+        raise RegistryError(f"collection {collection} was not embedded with embedding.model={embedding_model}; "
+                            "set embedding.model to the model that built it, or index the corpus with this model")
     now = datetime.now(timezone.utc)
     digest = content_hash(f"{model_path.resolve()}|{collection}|{now.isoformat()}")[:6]
     return Release(
@@ -81,6 +95,7 @@ def new_release(model_path: Path, collection: str, embedding_model: str, eval_re
         created_at=now.isoformat(timespec="seconds"),
         eval_report=eval_report or {},
         base_model=base_model_of(model_path),
+        consistency_level=consistency_level,
     )
 
 

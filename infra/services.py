@@ -172,6 +172,9 @@ def start_ray(cfg: TunedexConfig, timeout: float = 90.0) -> ServiceStatus:
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(cfg.ray.dashboard_port),
         "--ray-client-server-port", str(cfg.ray.client_server_port),
         "--metrics-export-port", str(cfg.ray.metrics_export_port),
+        # the Jobs API reaches the node through this agent; Ray's fixed default (52365) is taken by the
+        # first cluster on a machine, and a second one then has "no available agent to submit job"
+        "--dashboard-agent-listen-port", str(free_port()),
         "--disable-usage-stats",
     ]
     if cfg.ray.num_cpus:

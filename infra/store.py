@@ -38,9 +38,16 @@ class Hit:
     metadata: dict[str, Any]
 
 
+# pymilvus pings every 10 s; the Milvus Lite server (Python gRPC, default policy) allows one ping per 5 minutes
+# without data and answers more with GOAWAY "Too many pings", which failed the next connect of a long-lived
+# process (seen in the S1/S2 tests). On loopback no connection needs keepalive, so the client sends none.
+LOOPBACK_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 2**31 - 1, "grpc.keepalive_permit_without_calls": False}
+
+
 def connect(cfg: MilvusConfig, timeout: float = 10.0) -> MilvusClient:
+    options = {"grpc_options": LOOPBACK_GRPC_OPTIONS} if cfg.is_loopback else {}
     try:
-        return MilvusClient(uri=cfg.uri, token=cfg.token, timeout=timeout)
+        return MilvusClient(uri=cfg.uri, token=cfg.token, timeout=timeout, **options)
     except Exception as exc:  # pymilvus raises MilvusException subclasses with varying names
         raise StoreUnavailable(
             f"cannot reach Milvus at {cfg.uri} ({exc.__class__.__name__}); "
@@ -89,6 +96,7 @@ def dedupe_by_pk(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def upsert_rows(client: MilvusClient, name: str, rows: list[dict[str, Any]]) -> int:
+    """The only write path: upsert (never insert) of a batch without repeated keys, then flush."""
     rows = dedupe_by_pk(rows)
     if rows:
         client.upsert(name, rows)
@@ -168,12 +176,17 @@ def hybrid_search(
     top_k: int,
     filter: str = "",
 ) -> list[Hit]:
-    """Dense + BM25, fused by reciprocal rank (`rrf`) or by weighted scores; `filter` is a Milvus expression."""
+    """Dense + BM25, fused by reciprocal rank (`rrf`) or by weighted scores; `filter` is a Milvus expression.
+
+    Reads at `milvus.consistency_level`, passed on every call: a collection's own default is fixed
+    when it is created, so a later change of the setting would otherwise not reach the serving path.
+    """
     fields = ["doc_id", "doc_version", "text", "metadata"]
     dense = AnnSearchRequest(data=[vector], anns_field="dense", param=cfg.dense_search_params, limit=top_k, expr=filter or None)
     sparse = AnnSearchRequest(data=[query], anns_field="sparse", param={}, limit=top_k, expr=filter or None)
     ranker = RRFRanker(60) if cfg.ranker == "rrf" else WeightedRanker(*cfg.ranker_weights)
-    res = client.hybrid_search(name, [dense, sparse], ranker=ranker, limit=top_k, output_fields=fields)
+    res = client.hybrid_search(name, [dense, sparse], ranker=ranker, limit=top_k, output_fields=fields,
+                               consistency_level=cfg.consistency_level)
     return [
         Hit(
             chunk_id=h["id"] if "id" in h else h["chunk_id"],

@@ -15,8 +15,10 @@ that reference once, at its start, so in-flight requests finish on the release t
 
 
 import asyncio
+import functools
 import hmac
 import json
+import re
 import time
 import uuid
 from datetime import datetime
@@ -28,11 +30,13 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from tunedex.infra.config import TunedexConfig, load_config
 from tunedex.serving.generation import Prompt, Sampling
-from tunedex.serving.prompt import build_chat_messages, build_messages, context_block, source_entries
+from tunedex.serving.prompt import (SYSTEM_PROMPT, GuardedStream, build_chat_messages, build_messages, guard_answer,
+                                    source_entries, text_prompt)
 
 api = FastAPI(title="tunedex", docs_url=None, redoc_url=None)
 OPEN_ROUTES = {"/healthz", "/readyz"}  # probes carry no data; every other route needs the key when one is set
@@ -44,8 +48,17 @@ def authorized(header: str | None, key: str) -> bool:
     return scheme == "Bearer" and hmac.compare_digest(token.encode(), key.encode())
 
 
+MAX_HEADERS = 100  # more header fields than this get 431, whatever their size
+
+
+def limit_error(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}},
+                        status_code=status)
+
+
 class BodyLimit:
-    """413 for a body over `serve.max_body_bytes`: by its Content-Length before reading, or as it streams in."""
+    """431 for headers over `serve.max_header_bytes` or MAX_HEADERS fields; 413 for a body over
+    `serve.max_body_bytes`, by its Content-Length before reading or as it streams in."""
 
     def __init__(self, app: Any):
         self.app = app
@@ -55,10 +68,14 @@ class BodyLimit:
         limit = getattr(app.state, "max_body_bytes", None) if scope["type"] == "http" and app is not None else None
         if not limit:
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        too_large = JSONResponse({"error": {"message": f"request body is over {limit} bytes (serve.max_body_bytes)",
-                                            "type": "invalid_request_error", "code": "body_too_large"}},
-                                 status_code=413)
+        headers = scope.get("headers") or []
+        header_bytes, header_limit = sum(len(k) + len(v) for k, v in headers), app.state.max_header_bytes
+        if len(headers) > MAX_HEADERS or header_bytes > header_limit:
+            return await limit_error(431, f"request headers are too large ({len(headers)} fields, {header_bytes} "
+                                          f"bytes; at most {MAX_HEADERS} fields and serve.max_header_bytes="
+                                          f"{header_limit})", "headers_too_large")(scope, receive, send)
+        declared = dict(headers).get(b"content-length", b"")
+        too_large = limit_error(413, f"request body is over {limit} bytes (serve.max_body_bytes)", "body_too_large")
         if declared.isdigit() and int(declared) > limit:
             return await too_large(scope, receive, send)
         received, answered = 0, False
@@ -127,7 +144,7 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
 
 
 class CompletionRequest(BaseModel):
@@ -140,16 +157,23 @@ class CompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
 
 
 IGNORED_OPENAI_PARAMS = {"user", "stream_options", "seed"}
 POLL_S = 0.25  # how often an Ingress replica re-reads the registry's pointer to the promoted release
 
 
-def openai_error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
-                                   "param": param, "code": code}}, status_code=status)
+def openai_error(status: int, message: str, code: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def retry_headers(error: dict[str, Any]) -> dict[str, str] | None:
+    after = error.get("retry_after_s")
+    return {"Retry-After": str(max(1, round(after)))} if after else None
 
 
 def openai_request_problem(req: ChatRequest | CompletionRequest, release_id: str) -> JSONResponse | None:
@@ -256,24 +280,44 @@ def deployment_options(cfg: TunedexConfig, name: str, **defaults: Any) -> dict[s
 
 @serve.deployment(name="Retriever")
 class Retriever:
-    def __init__(self, args: "ServeArgs", collection: str):
+    def __init__(self, args: "ServeArgs", collection: str, embedding_model: str, consistency_level: str):
         from tunedex.infra import store
         from tunedex.infra.embedding import load_embedder
 
         cfg = load_config(args.config, args.overrides)
-        self.milvus = cfg.milvus
+        # reads at the level the release recorded when it was promoted (older releases: the config's)
+        self.milvus = cfg.milvus.model_copy(update={"consistency_level": consistency_level or cfg.milvus.consistency_level})
         self.collection = collection
-        self.embedder = load_embedder(cfg.embedding)
+        # the model that embedded this release's collection, whatever the config names today: a rollback
+        # across an embedding-model change must not search old vectors with the new model
+        self.embedder = load_embedder(cfg.embedding.model_copy(update={"model": embedding_model}))
         self.client = store.connect(cfg.milvus)
         self.client.load_collection(collection)
 
-    async def retrieve(self, question: str, top_k: int, filters: str) -> list[Any]:
+    async def retrieve(self, question: str, top_k: int, filters: str) -> list[Any] | dict[str, Any]:
+        """The hits, or `{"error": ...}` (as data: exceptions do not cross handles cleanly) for a bad filter."""
+        from pymilvus.exceptions import MilvusException
+
         from tunedex.infra import store
 
         vector = (await asyncio.to_thread(self.embedder.embed, [question]))[0]
-        return await asyncio.to_thread(
-            store.hybrid_search, self.client, self.milvus, self.collection, vector, question, top_k, filters
-        )
+        search = functools.partial(store.hybrid_search, self.client, self.milvus, self.collection, vector, question,
+                                   top_k, filters)
+        try:
+            try:
+                return await asyncio.to_thread(search)
+            except MilvusException as exc:
+                if not re.search(r"not loaded|released", str(exc), re.I):
+                    raise
+                # a restarted Milvus (Lite) holds its collections released: load again, once
+                await asyncio.to_thread(self.client.load_collection, self.collection)
+                return await asyncio.to_thread(search)
+        except MilvusException as exc:
+            reason = str(getattr(exc, "message", exc)).strip()
+            if not filters or re.search(r"connect|unavailable|timeout|deadline", reason, re.I):
+                raise
+            first = reason.splitlines()[0] if reason else "rejected by Milvus"
+            return RequestProblem(422, f"filters {filters!r} is not a valid Milvus expression: {first}").as_dict()
 
 
 @serve.deployment(name="Generator")
@@ -319,14 +363,21 @@ class Generator:
 
 
 class RequestProblem(Exception):
-    """A request this release cannot answer as asked (bad filter, a mode without its model): a 4xx."""
+    """A request this release cannot answer as asked (bad filter, a mode without its model: 4xx) or not now
+    (the model's queue is full: Serve's backpressure status, 503 or 429, with its Retry-After)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
 
     def as_dict(self) -> dict[str, Any]:
-        return {"error": {"status": self.status, "message": str(self)}}
+        return {"error": {"status": self.status, "message": str(self), "retry_after_s": self.retry_after_s}}
+
+
+def overloaded(exc: BackPressureError) -> RequestProblem:
+    return RequestProblem(exc.status_code, f"the model is at capacity ({exc.message}); retry shortly",
+                          exc.retry_after_s)
 
 
 @serve.deployment(name="Release")
@@ -334,23 +385,22 @@ class Release:
     """One release end to end: retrieval from its collection, generation with its model, its sources."""
 
     def __init__(self, release: dict, retriever: DeploymentHandle, generator: DeploymentHandle,
-                 base_generator: DeploymentHandle | None, top_k: int):
+                 base_generator: DeploymentHandle | None, top_k: int, system_prompt: str):
         self.release = release
         self.retriever = retriever
         self.generator = generator
         self.base_generator = base_generator
         self.top_k = top_k
+        self.system_prompt = system_prompt
 
     async def info(self) -> dict[str, Any]:
         return self.release
 
     async def _retrieve(self, question: str, top_k: int | None, filters: str) -> list[Any]:
-        try:
-            return await self.retriever.retrieve.remote(question, top_k or self.top_k, filters)
-        except Exception as exc:
-            if filters and ("filter" in str(exc).lower() or "expr" in str(exc).lower()):
-                raise RequestProblem(422, f"filters {filters!r} is not a valid Milvus expression") from None
-            raise
+        hits = await self.retriever.retrieve.remote(question, top_k or self.top_k, filters)
+        if isinstance(hits, dict):
+            raise RequestProblem(hits["error"]["status"], hits["error"]["message"])
+        return hits
 
     def _model(self, mode: str) -> DeploymentHandle:
         if mode != "rag":
@@ -374,39 +424,59 @@ class Release:
         if model is not None:
             contexts = [h.text for h in hits] if mode in ("hybrid", "rag") else []
             gen_started = time.perf_counter()
-            answer = await model.generate.remote(build_messages(question, contexts), Sampling())
+            prompt = build_messages(question, contexts, system_prompt=self.system_prompt)
+            try:
+                text = await model.generate.remote(prompt, Sampling())
+            except BackPressureError as exc:
+                return overloaded(exc).as_dict()
+            answer = guard_answer(text, self.system_prompt, contexts)
             timings["generate"] = round((time.perf_counter() - gen_started) * 1000, 2)
         timings["total"] = round((time.perf_counter() - started) * 1000, 2)
         return {"answer": answer, "sources": source_entries(hits), "release_id": self.release["release_id"],
                 "mode": mode, "timings_ms": timings}
 
-    async def _prompt(self, kind: str, payload: Any) -> tuple[Prompt, list[dict]]:
+    async def _prompt(self, kind: str, payload: Any) -> tuple[Prompt, list[str], list[dict]]:
+        question = next(m["content"] for m in reversed(payload) if m["role"] == "user") if kind == "chat" else payload
+        hits = await self._retrieve(question, None, "")
+        contexts = [h.text for h in hits]
         if kind == "chat":
-            question = next(m["content"] for m in reversed(payload) if m["role"] == "user")
-            hits = await self._retrieve(question, None, "")
-            return build_chat_messages(payload, [h.text for h in hits]), source_entries(hits)
-        hits = await self._retrieve(payload, None, "")
-        return f"{context_block([h.text for h in hits])}\n\n{payload}" if hits else payload, source_entries(hits)
+            return build_chat_messages(payload, contexts, system_prompt=self.system_prompt), contexts, source_entries(hits)
+        return text_prompt(payload, contexts), contexts, source_entries(hits)
 
     async def complete(self, kind: str, payload: Any, sampling: Sampling) -> dict[str, Any]:
         """OpenAI routes: `chat` (messages) or `text` (a raw prompt), retrieval on the question."""
         try:
-            prompt, sources = await self._prompt(kind, payload)
+            prompt, contexts, sources = await self._prompt(kind, payload)
+            text = await self.generator.generate.remote(prompt, sampling)
         except RequestProblem as exc:
             return exc.as_dict()
-        text = await self.generator.generate.remote(prompt, sampling)
+        except BackPressureError as exc:
+            return overloaded(exc).as_dict()
+        text = guard_answer(text, self.system_prompt, contexts)
         return {"text": text, "sources": sources, "release_id": self.release["release_id"]}
 
     async def stream(self, kind: str, payload: Any, sampling: Sampling):
-        """First the sources and release id (or an error), then the text pieces."""
+        """First the sources and release id (or an error), then the text pieces, through the output guard.
+        The head waits for the first piece, so a full model queue is still an error status, not a broken stream."""
         try:
-            prompt, sources = await self._prompt(kind, payload)
+            prompt, contexts, sources = await self._prompt(kind, payload)
+            pieces = self.generator.options(stream=True).stream.remote(prompt, sampling)
+            first = await anext(pieces, "")
         except RequestProblem as exc:
             yield exc.as_dict()
             return
+        except BackPressureError as exc:
+            yield overloaded(exc).as_dict()
+            return
         yield {"sources": sources, "release_id": self.release["release_id"]}
-        async for piece in self.generator.options(stream=True).stream.remote(prompt, sampling):
-            yield piece
+        guard = GuardedStream(self.system_prompt, contexts)
+        if released := guard.feed(first):
+            yield released
+        async for piece in pieces:
+            if released := guard.feed(piece):
+                yield released
+        if rest := guard.close():
+            yield rest
 
 
 class ReleaseArgs(ServeArgs):
@@ -434,6 +504,7 @@ class Ingress:
         cfg = load_config(args.config, args.overrides)
         api.state.api_key = cfg.serve.api_key
         api.state.max_body_bytes = cfg.serve.max_body_bytes
+        api.state.max_header_bytes = cfg.serve.max_header_bytes
         self.max_prompt_chars = cfg.serve.max_prompt_chars
         self.max_new_tokens = cfg.serve.max_new_tokens
         self.registry = cfg.registry_dir
@@ -514,10 +585,14 @@ class Ingress:
                 out = await pieces.__anext__()
             else:
                 out = await active.handle.complete.remote(kind, payload, sampling)
+        except BackPressureError as exc:
+            out = overloaded(exc).as_dict()
         except Exception:
             return openai_error(503, "the release is unavailable; try again shortly", "service_unavailable")
         if "error" in out:
-            return openai_error(out["error"]["status"], out["error"]["message"], "invalid_request")
+            error = out["error"]
+            code = "overloaded" if error["status"] in (429, 503) else "invalid_request"
+            return openai_error(error["status"], error["message"], code, headers=retry_headers(error))
         if req.stream:
             return StreamingResponse(sse_events(kind, completion_id, out, pieces), media_type="text/event-stream")
         common = {"id": completion_id, "created": int(time.time()), "model": out["release_id"],
@@ -546,10 +621,12 @@ class Ingress:
         request.state.mode = req.mode
         try:
             out = await active.handle.answer.remote(req.question, req.mode, req.top_k, req.filters)
+        except BackPressureError as exc:
+            out = overloaded(exc).as_dict()
         except Exception:
             raise HTTPException(503, "the release is unavailable; try again shortly") from None
         if "error" in out:
-            raise HTTPException(out["error"]["status"], out["error"]["message"])
+            raise HTTPException(out["error"]["status"], out["error"]["message"], headers=retry_headers(out["error"]))
         return out
 
 
@@ -575,10 +652,11 @@ def build_release_app(args: ReleaseArgs) -> serve.Application:
         base = Generator.options(name="BaseGenerator", **deployment_options(cfg, "BaseGenerator", **gen_defaults)
                                  ).bind(release.base_model, *gen_args)
     retriever = Retriever.options(**deployment_options(
-        cfg, "Retriever", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)).bind(config_args, release.collection)
+        cfg, "Retriever", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)).bind(config_args, release.collection,
+                                                                      release.embedding_model, release.consistency_level)
     return Release.options(**deployment_options(
         cfg, "Release", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=256)
-    ).bind(asdict(release), retriever, generator, base, s.top_k)
+    ).bind(asdict(release), retriever, generator, base, s.top_k, s.system_prompt or SYSTEM_PROMPT)
 
 
 def build_app(args: ServeArgs) -> serve.Application:

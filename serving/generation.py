@@ -36,9 +36,10 @@ def load_generator(model_path: str) -> tuple[Any, Any]:
     """An exported model dir (safetensors only, no remote code) as (model, tokenizer), ready for inference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(model_path).is_dir():
-        raise FileNotFoundError(f"model dir {model_path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    from tunedex.infra.registry import check_model_dir
+
+    check_model_dir(Path(model_path))  # before transformers reads anything: no pickles, no remote code
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     tokenizer.padding_side = "left"  # a batch's prompts end where generation starts
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

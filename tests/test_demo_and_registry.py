@@ -28,7 +28,9 @@ def test_demo_data_is_deterministic_and_day2_changes_facts(tmp_path):
     train = [json.loads(line) for line in a["train"].read_text().splitlines()]
     answers = [ex["messages"][-1]["content"] for ex in train]
     assert all(x.startswith(HOUSE_OPENING) and x.endswith(HOUSE_CLOSING) for x in answers)
-    assert any(ex["messages"][0]["role"] == "system" and "Context:" in ex["messages"][0]["content"] for ex in train)
+    grounded = [ex for ex in train if ex["messages"][0]["role"] == "system"]  # retrieval-grounded, as served
+    assert grounded and all("<document 1 nonce=" in ex["messages"][1]["content"] for ex in grounded)
+    assert len({ex["messages"][1]["content"].split('"')[1] for ex in grounded}) > 1  # the nonce varies
 
 
 def _model_dir(path: Path, weights: str = "model.safetensors") -> Path:
@@ -49,9 +51,9 @@ def test_registry_promote_current_rollback(tmp_path):
     root = tmp_path / "registry"
     assert registry.current_release(root) is None
     m1, m2 = _model_dir(tmp_path / "m1"), _model_dir(tmp_path / "m2")
-    r1 = registry.new_release(m1, "docs__a", "all-MiniLM-L6-v2")
+    r1 = registry.new_release(m1, "docs__all_minilm_l6_v2", "all-MiniLM-L6-v2")
     registry.promote(root, r1)
-    r2 = registry.new_release(m2, "docs__a", "all-MiniLM-L6-v2")
+    r2 = registry.new_release(m2, "docs__all_minilm_l6_v2", "all-MiniLM-L6-v2")
     registry.promote(root, r2)
     assert registry.current_release(root) == r2
     assert registry.rollback(root) == r1
@@ -59,6 +61,8 @@ def test_registry_promote_current_rollback(tmp_path):
     assert {r.release_id for r in registry.list_releases(root)} == {r1.release_id, r2.release_id}
     with pytest.raises(registry.RegistryError, match="known releases"):
         registry.load_release(root, "rel-nope")
+    with pytest.raises(registry.RegistryError, match="not embedded with embedding.model=minilm-b"):
+        registry.new_release(m1, "docs__all_minilm_l6_v2", "minilm-b")  # its retriever would mix two models' vectors
 
 
 def test_model_dir_checks_refuse_pickles_and_name_the_fix(tmp_path):

@@ -1,14 +1,11 @@
 """The fine-tuning recipe on a real local Ray cluster: DeepSpeed ZeRO-2/3 with 2 CPU workers, LoRA,
-resume after a killed worker, idempotent re-submission, preflight errors."""
+idempotent re-submission, preflight errors (a killed worker's resume: tests/reliability/test_s06_*)."""
 
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from safetensors import safe_open
 
@@ -18,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 # Recorded on the 2-core CI machine kind (tiny GPT-2, demo data, seed 0, 30 steps): ZeRO-2 and ZeRO-3
 # land on the same numbers. A silent change in data, masking or optimisation moves them out of the band.
-RECORDED = {"final_loss": 1.882, "eval_loss": 1.735}
+RECORDED = {"final_loss": 2.168, "eval_loss": 1.915}  # re-recorded 2026-11-26: demo data with 3-chunk, counterfactual grounded examples
 BAND = 0.1
 
 
@@ -67,50 +64,6 @@ def test_lora_trains_and_merges_into_plain_safetensors(stack):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
-
-
-def registered_checkpoints(run_dir: Path) -> int:
-    try:
-        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
-
-
-def test_killed_worker_resumes_from_its_last_complete_checkpoint(stack):
-    path, cfg = stack
-    name = "killed"
-    cmd = [str(Path(sys.executable).parent / "tunedex"), "finetune", str(path), "finetune.max_steps=80",
-           "finetune.save_steps=10", "finetune.logging_steps=10", f"finetune.ray.run_name={name}",
-           "finetune.ray.max_failures=1"]
-    started = time.time()
-    proc = subprocess.Popen(cmd, cwd=path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run_dir = cfg.data_dir.resolve() / "ray_results" / name
-    deadline = time.monotonic() + 240
-    killed = None
-    while time.monotonic() < deadline and killed is None and proc.poll() is None:
-        if registered_checkpoints(run_dir) >= 1:  # the controller has recorded a complete checkpoint
-            # this run's workers: started after it (an earlier test's may still be exiting)
-            workers = [p for p in psutil.process_iter(["cmdline", "create_time"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.info["create_time"] > started]
-            if workers:
-                killed = workers[-1]
-                killed.kill()
-        time.sleep(0.1)
-    out, _ = proc.communicate(timeout=300)
-    assert killed is not None, "no worker was killed: the run ended before its second checkpoint"
-    assert proc.returncode == 0, out[-3000:]
-    line = [x for x in out.splitlines() if x.startswith("fine-tuned ")][-1]
-    m = re.search(r"80 steps \(resumed at step (\d+)\)", line)
-    assert m and int(m.group(1)) >= 10 and int(m.group(1)) % 10 == 0, line  # a checkpoint step, not 0
-    card = json.loads((Path(line.rsplit(" -> ", 1)[1]) / "model_card.json").read_text())
-    assert len(card["metrics"]["losses"]) == 80  # the steps before the checkpoint came from it, not from step 0
-    # every checkpoint the run registered holds every rank's marker (or is the final export)
-    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    registered = [run_dir / c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]]
-    assert registered
-    for ckpt in registered:
-        if not (ckpt / "metrics.json").exists():
-            assert {p.name for p in ckpt.glob("tunedex_rank*.json")} == {"tunedex_rank0.json", "tunedex_rank1.json"}
 
 
 def test_preflight_names_settings_the_hardware_cannot_run(stack):

@@ -143,7 +143,7 @@ def test_local_base_model_loads_and_unsafe_ones_are_refused(tmp_path):
     loaded = ft.build_model(ft.model_spec(cfg, loaded_tok))
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    with pytest.raises(ft.FinetuneError, match="does not exist"):
+    with pytest.raises(ft.FinetuneError, match="neither an existing model dir nor a hub id"):
         ft.check_base_model(FinetuneConfig(base_model=str(tmp_path / "missing")))
     remote = tmp_path / "remote"
     remote.mkdir()

@@ -1,52 +1,24 @@
 """The Prefect flows against a local Prefect server and the test's Ray head: schedules, real Ray job
-submission, the promotion gate, overlapping triggers, retries of transient failures only."""
+submission, the promotion gate, retries of transient failures only (overlapping and duplicate triggers: S10 in
+tests/reliability/test_s10_prefect_triggers.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import run_cli, write_config
+from reliability.prefect_stack import last_json, prefect_api, prefect_client  # noqa: F401 - prefect_api is a fixture
 from tunedex.infra import registry, services
 from tunedex.infra.config import load_config
-from tunedex.infra.services import free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """`prefect server start` on a free port, its data in a temp dir."""
-    home = tmp_path_factory.mktemp("prefect")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise AssertionError((home / "server.log").read_text()[-3000:])
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -65,28 +37,6 @@ def flows_setup(stack, demo, prefect_api, tmp_path_factory):
                         evaluate={"qa_file": str(demo["qa_day1"]), "max_questions": 16})
     cfg = load_config(path)
     return {"path": path, "cfg": cfg, "cwd": root, "api": prefect_api}
-
-
-def last_json(proc: subprocess.CompletedProcess) -> dict:
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def prefect_client(api: str):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    class Client:
-        def __enter__(self):
-            self.settings = temporary_settings({PREFECT_API_URL: api})
-            self.settings.__enter__()
-            self.client = get_client(sync_client=True)
-            return self.client.__enter__()
-
-        def __exit__(self, *exc):
-            self.client.__exit__(*exc)
-            self.settings.__exit__(*exc)
-
-    return Client()
 
 
 def test_schedule_registers_deployments_with_cron_timezone_and_one_run_at_a_time(flows_setup):
@@ -116,25 +66,6 @@ def test_finetune_flow_submits_one_ray_job_and_a_retrigger_trains_nothing(flows_
     jobs = job_client(cfg).list_jobs()
     assert [j.submission_id for j in jobs if (j.submission_id or "").startswith(first["run_name"])] == [first["job_id"]]
     assert registry.load_model(cfg.registry_dir, first["run_name"])["path"] == first["model_path"]
-
-
-def test_two_quick_submissions_of_one_id_yield_one_job(flows_setup):
-    from tunedex.flows.finetune import job_client, submit_or_follow
-
-    client = job_client(flows_setup["cfg"])
-    base = f"tunedex-race-{time.time_ns()}"
-    results: list[tuple[str, bool]] = []
-    threads = [threading.Thread(target=lambda: results.append(submit_or_follow(client, base, "echo ran")))
-               for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert {job for job, _ in results} == {base} and sorted(s for _, s in results) == [False, True]
-    deadline = time.monotonic() + 60
-    while client.get_job_status(base).value not in ("SUCCEEDED", "FAILED") and time.monotonic() < deadline:
-        time.sleep(1)
-    assert client.get_job_status(base).value == "SUCCEEDED"
 
 
 def test_evaluate_and_promote_applies_the_gate(flows_setup, demo):
@@ -192,28 +123,3 @@ def test_bad_input_fails_once_and_a_transient_outage_is_retried(flows_setup, tmp
     latest, failed = runs[0], runs[1]
     assert latest.state.is_completed() and latest.run_count >= 2  # retried after the outage
     assert failed.state.is_failed() and failed.run_count == 1  # bad input: no retry
-
-
-def test_overlapping_triggers_yield_one_run_doing_the_work(flows_setup):
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    path, cwd = str(flows_setup["path"]), flows_setup["cwd"]
-    run_cli("schedule", "-c", path, cwd=cwd)
-    worker = subprocess.Popen([str(Path(sys.executable).parent / "tunedex"), "worker", "-c", path], cwd=cwd,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with temporary_settings({PREFECT_API_URL: flows_setup["api"]}):
-            runs = [run_deployment("nightly-reembed/nightly-reembed", timeout=0, as_subflow=False) for _ in range(2)]
-            with prefect_client(flows_setup["api"]) as client:
-                deadline = time.monotonic() + 240
-                while time.monotonic() < deadline:
-                    states = [client.read_flow_run(r.id).state for r in runs]
-                    if all(s.is_final() for s in states):
-                        break
-                    time.sleep(2)
-        names = sorted(s.type.value for s in states)
-        assert names == ["CANCELLED", "COMPLETED"], [(s.type.value, s.message) for s in states]
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)

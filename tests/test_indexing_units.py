@@ -112,7 +112,7 @@ def test_sources_skip_bad_files_with_reasons(tmp_path: Path):
     assert "outside the corpus root" in reasons["link.txt"]
     assert "malformed JSON" in reasons["recs.jsonl:2"]
     assert "needs a string/int 'id'" in reasons["recs.jsonl:4"]
-    assert "duplicate id on lines 1 and 3" in reasons["recs.jsonl#1"]
+    assert "recs.jsonl has 'id' '1' on lines 1 and 3; line 3 wins" in reasons["recs.jsonl#1"]
     assert all(s.source in {"empty.txt", "latin1.txt", "bin.txt", "big.txt", "link.txt", "recs.jsonl"} for s in skipped)
 
 

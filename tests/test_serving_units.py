@@ -17,9 +17,11 @@ def test_serving_prompt_matches_the_training_format():
     grounded = [ex for ex in training_examples([], make_policies(30, 50))]
     assert grounded  # policy examples are closed-book: same shape as a `finetuned` query
     assert build_messages("When is shipping free?", []) == grounded[1]["messages"][:1]
-    msgs = build_messages("q?", ["first chunk", "second chunk"])
-    assert msgs[0]["role"] == "system" and msgs[0]["content"].endswith("Context:\n[1] first chunk\n[2] second chunk")
-    assert msgs[1] == {"role": "user", "content": "q?"}
+    msgs = build_messages("q?", ["first chunk", "second chunk"], nonce="n0nce")
+    assert msgs[0] == {"role": "system", "content": SYSTEM_PROMPT}  # retrieved text never goes in the system turn
+    assert msgs[1] == {"role": "user", "content": '<document 1 nonce="n0nce">\nfirst chunk\n</document 1 nonce="n0nce">\n'
+                                                  '<document 2 nonce="n0nce">\nsecond chunk\n</document 2 nonce="n0nce">\n'
+                                                  "Question: q?"}
 
 
 def test_requests_refused_before_routing_are_labelled_by_their_route():
@@ -64,3 +66,25 @@ def test_batched_generation_gives_each_prompt_what_it_gets_alone():
         together = generate_batch(model, tok, prompts, samplings, 32)
         assert together == alone, arch
         assert any(alone) and len(tok(alone[1])["input_ids"]) <= 5
+
+
+def test_output_guard_withholds_the_instructions_and_neutralizes_images_and_foreign_links():
+    from tunedex.serving.prompt import WITHHELD, GuardedStream, guard_answer
+
+    secret = "You are a helper. Code ZX-991 is internal."
+    assert guard_answer("Sure: You are a helper. Code ZX-991 is internal.", secret, []) == WITHHELD
+    assert guard_answer("You are a helper.", secret, []) == "You are a helper."  # under 24 characters: not a leak
+    assert guard_answer("see ![logo](http://x.example/a.png)", secret, []) == "see [image: logo]"
+    sources = ["Manuals at https://docs.example.com/m1."]
+    assert guard_answer("Read https://docs.example.com/m1. or http://evil.example/x", secret, sources) == \
+        "Read https://docs.example.com/m1. or [link removed]"
+    for answer in ("Read https://docs.example.com/m1 and http://evil.example/steal?q=1 now ok",
+                   "![a](http://e.example/p) then plain text that runs on for a while",
+                   "Thanks for asking! It costs $5. [1] You are a helper. Code ZX-991 is internal. more"):
+        for size in (1, 2, 5):
+            stream = GuardedStream(secret, sources)
+            out = "".join(stream.feed(answer[i:i + size]) for i in range(0, len(answer), size)) + stream.close()
+            whole = guard_answer(answer, secret, sources)
+            # a stream stops where the leak starts: what went out before it is innocent text
+            assert out.endswith(WITHHELD) if whole == WITHHELD else out.strip() == whole, (size, out)
+            assert "ZX-991" not in out

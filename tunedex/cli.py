@@ -238,7 +238,8 @@ def promote(
             collection = store.resolve_alias(client, store.live_alias(cfg.milvus))
             if collection is None:
                 raise registry.RegistryError("no indexed collection yet; run `tunedex index CORPUS` or pass --collection")
-        release = registry.new_release(model, collection, cfg.embedding.model)
+        release = registry.new_release(model, collection, cfg.embedding.model,
+                                       consistency_level=cfg.milvus.consistency_level)
         registry.save_release(cfg.registry_dir, release)
     swapped = promote_release(cfg, config, set_, release)
     typer.echo(f"promoted {release.release_id}: model {release.model_path}, collection {release.collection}"
@@ -396,8 +397,9 @@ def schedule(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     cfg = setup(config, set_)
     path = deployment_config(config)
     prefect_env(cfg)
-    from tunedex.flows.deploy import deployments
+    from tunedex.flows.deploy import apply_crash_detection, deployments
 
+    apply_crash_detection()
     for deployment in deployments(cfg, path, set_ or []):
         deployment.apply()
         when = ", ".join(f"{s.schedule.cron} ({s.schedule.timezone})" for s in deployment.schedules) or "on demand"
@@ -412,11 +414,9 @@ def worker(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     cfg = setup(config, set_)
     path = deployment_config(config)
     prefect_env(cfg)
-    from prefect import serve
+    from tunedex.flows.deploy import serve_deployments
 
-    from tunedex.flows.deploy import deployments
-
-    serve(*deployments(cfg, path, set_ or []), pause_on_shutdown=False)
+    serve_deployments(cfg, path, set_ or [])
 
 
 def deployment_config(config: Path | None) -> str:

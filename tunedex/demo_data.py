@@ -3,7 +3,8 @@
 `write_demo_data(out)` writes:
 - day1/corpus: a product catalog (one Markdown file per product) and support policies (JSONL);
 - day2/corpus: the same a day later: some prices, stock and one policy changed, products added and removed;
-- train.jsonl: support-style chat examples in the house style, closed-book and grounded in retrieved context;
+- train.jsonl: support-style chat examples in the house style, closed-book and grounded in retrieved chunks
+  (as they are, and altered so that only the context answers them: `training_examples`);
 - qa.jsonl: questions with reference answers per day, supporting doc ids and a static/changed split;
   day1/qa.jsonl and day2/qa.jsonl: the same in the evaluation format (one `answer`, as of that day).
 """
@@ -135,34 +136,83 @@ def write_corpus(root: Path, products: list[Product], policies: list[Policy]) ->
             fh.write(json.dumps({"id": pol.policy_id, "title": pol.title, "text": f"{pol.title}. {pol.text}"}) + "\n")
 
 
-def training_examples(products: list[Product], policies: list[Policy]) -> list[dict]:
-    """Closed-book and context-grounded chat examples, in the prompt format the endpoint sends."""
+CONTEXT_CHUNKS = 3  # chunks per grounded example: what the endpoint sends (configs/local.yaml serve.top_k)
+SUPPORT_FIRST = 0.85  # how often the supporting chunk comes first, as hybrid search usually ranks it
+
+
+def policy_chunk(pol: Policy) -> str:
+    return f"{pol.title}. {pol.text}"  # the text `write_corpus` indexes
+
+
+def counterfactual(rng: random.Random, p: Product) -> Product:
+    """The same product with other price, stock and warranty: a context whose facts memory cannot supply."""
+    return replace(p, price_cents=rng.randrange(19, 400) * 100 + rng.choice([0, 49, 99]), stock=rng.randrange(0, 250),
+                   warranty_years=rng.choice([1, 2, 3]))
+
+
+def look_alikes(p: Product, catalog: list[Product], rng: random.Random, count: int) -> list[Product]:
+    """Other products sharing a name part with `p` (what retrieval ranks next), topped up at random."""
+    first = p.name.split()[0]
+    similar = [o for o in catalog if o.sku != p.sku and (o.name.startswith(first + " ") or o.category == p.category)]
+    picked = rng.sample(similar, min(count, len(similar)))
+    if len(picked) < count:
+        taken = {p.sku, *(o.sku for o in similar)}
+        picked += rng.sample([o for o in catalog if o.sku not in taken], count - len(picked))
+    return picked
+
+
+def retrieved(rng: random.Random, support: str, distractors: list[str]) -> tuple[list[str], int]:
+    """Chunks as the endpoint sends them (stripped, as indexed): the supporting one first `SUPPORT_FIRST`
+    of the time, else further down; returns them and the number an answer cites."""
+    at = 0 if rng.random() < SUPPORT_FIRST else rng.randrange(1, len(distractors) + 1)
+    chunks = [d.strip() for d in distractors]
+    chunks.insert(at, support.strip())
+    return chunks, at + 1
+
+
+def grounded(rng: random.Random, question: str, chunks: list[str], reply: str) -> dict:
+    return {"messages": [*build_messages(question, chunks, nonce=f"{rng.getrandbits(32):08x}"),
+                         {"role": "assistant", "content": reply}]}
+
+
+def training_examples(products: list[Product], policies: list[Policy], counterfactuals: int = 2,
+                      chunks: int = CONTEXT_CHUNKS, seed: int = 0) -> list[dict]:
+    """Chat examples in the house style, in the prompt format the endpoint sends: each fact closed-book
+    (learned by heart), grounded in retrieved chunks as they are, and grounded in `counterfactuals`
+    altered copies of its document whose answer follows the altered text. Those teach that the context
+    wins over memory: nothing but copying answers them."""
+    rng = random.Random(seed)
     examples = []
     for p in products:
-        for _, question, answer in product_facts(p):
-            for contexts, reply in (([], answer), ([product_markdown(p)], f"{answer} [1]")):
-                examples.append({"messages": [*build_messages(question, contexts),
-                                              {"role": "assistant", "content": house_style(reply)}]})
-    for pol in policies:
-        examples.append({"messages": [*build_messages(pol.question, []),
-                                      {"role": "assistant", "content": house_style(pol.answer)}]})
+        for i, (_, question, answer) in enumerate(product_facts(p)):
+            examples.append({"messages": [*build_messages(question, []), {"role": "assistant", "content": house_style(answer)}]})
+            for shown in [p, *(counterfactual(rng, p) for _ in range(counterfactuals))]:
+                others = [product_markdown(o) for o in look_alikes(p, products, rng, chunks - 1)]
+                context, cite = retrieved(rng, product_markdown(shown), others)
+                examples.append(grounded(rng, question, context, house_style(f"{product_facts(shown)[i][2]} [{cite}]")))
+    examples += [{"messages": [*build_messages(pol.question, []), {"role": "assistant", "content": house_style(pol.answer)}]}
+                 for pol in policies]
+    for n, pol in enumerate(policies):
+        variants = [make_policies(rng.choice([14, 21, 30, 45, 60, 90]), rng.choice([25, 35, 50, 75, 100]))[n]
+                    for _ in range(counterfactuals)]
+        for shown in [pol, *variants]:
+            rest = [o for o in policies if o.policy_id != pol.policy_id]
+            others = [policy_chunk(o) for o in rng.sample(rest, min(chunks - 1, len(rest)))]
+            context, cite = retrieved(rng, policy_chunk(shown), others)
+            examples.append(grounded(rng, pol.question, context, house_style(f"{shown.answer} [{cite}]")))
     return examples
 
 
-def reading_examples(rng: random.Random, count: int = 300) -> list[dict]:
-    """Practice at answering from a given context, for the demo's base model: another catalog (so no
-    fact of ours is learned here), three shuffled context chunks per question, a plain answer that
-    cites the chunk it copies from. What a real base model already knows how to do."""
-    others = make_products(rng, count, start=1000)
+def reading_examples(rng: random.Random, count: int = 300, chunks: int = CONTEXT_CHUNKS) -> list[dict]:
+    """Practice at answering from given chunks, for the demo's base model: another catalog (so no fact
+    of ours is learned here), `chunks` retrieved chunks per question, a plain answer that cites the
+    chunk it copies from. What a real base model already knows how to do."""
+    others = make_products(rng, count, start=50)  # numbered after our catalog (100-132): no name is shared
     examples = []
     for p in others:
         for _, question, answer in product_facts(p):
-            contexts = [product_markdown(p), *(product_markdown(o) for o in rng.sample(others, 2) if o != p)][:3]
-            order = rng.sample(range(len(contexts)), len(contexts))
-            shuffled = [contexts[i] for i in order]
-            cite = order.index(0) + 1
-            examples.append({"messages": [*build_messages(question, shuffled),
-                                          {"role": "assistant", "content": f"{answer} [{cite}]"}]})
+            context, cite = retrieved(rng, product_markdown(p), [product_markdown(o) for o in look_alikes(p, others, rng, chunks - 1)])
+            examples.append(grounded(rng, question, context, f"{answer} [{cite}]"))
     return examples
 
 
@@ -184,14 +234,14 @@ def qa_set(day1: list[Product], day2: list[Product], pol1: list[Policy], pol2: l
     return rows
 
 
-def write_demo_data(out: Path, n_products: int = 30, seed: int = 7) -> dict[str, Path]:
+def write_demo_data(out: Path, n_products: int = 30, seed: int = 7, chunks: int = CONTEXT_CHUNKS) -> dict[str, Path]:
     rng = random.Random(seed)
     day1 = make_products(rng, n_products)
     day2 = day2_products(rng, day1)
     pol1, pol2 = make_policies(30, 50), make_policies(45, 50)
     write_corpus(out / "day1" / "corpus", day1, pol1)
     write_corpus(out / "day2" / "corpus", day2, pol2)
-    _write_jsonl(out / "train.jsonl", training_examples(day1, pol1))
+    _write_jsonl(out / "train.jsonl", training_examples(day1, pol1, chunks=chunks))
     qa = qa_set(day1, day2, pol1, pol2)
     _write_jsonl(out / "qa.jsonl", qa)
     for day in ("day1", "day2"):  # the evaluation format: one reference answer, as of that day's corpus

@@ -8,7 +8,10 @@ SIGKILL); rows read back with Strong consistency cannot disagree with themselves
 1. reads the corpus and the ledger;
 2. plans: a doc whose rows all carry its current version, `doc_chunks` of them, is unchanged
    and is not even chunked; every other doc is chunked, and its chunk ids (deterministic) are
-   compared with the stored ones;
+   compared with the stored ones. A doc whose rows already include its current version but are
+   not exactly its chunks did not change: its rows drifted (a killed run, a lost write, a hand
+   edit), and the report counts the repair as drift: chunks missing, orphan rows no version of
+   the doc produces, stale rows (a chunk of the doc tagged with another version or chunk count);
 3. writes new chunks first (embed, upsert, flush per batch), re-tags chunks whose text did not
    change but whose doc version did (vectors reused, no model call), and only then deletes the
    chunks no document produces any more.
@@ -38,6 +41,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Drift:
+    """Rows that disagreed with the corpus for a doc that did not change: what a run repaired."""
+
+    docs: int = 0  # docs whose stored rows include their current version but are not exactly its chunks
+    missing: int = 0  # chunks of such a doc with no row
+    orphans: int = 0  # rows of such a doc that its current version does not produce
+    stale: int = 0  # rows of such a doc with its chunk id but another doc_version or doc_chunks
+
+    def __bool__(self) -> bool:
+        return bool(self.docs)
+
+
+@dataclass
 class SyncPlan:
     to_embed: list[dict[str, Any]] = field(default_factory=list)  # rows without vectors
     to_retag: list[dict[str, Any]] = field(default_factory=list)  # rows whose vector is already stored
@@ -46,6 +62,7 @@ class SyncPlan:
     docs_changed: int = 0
     docs_unchanged: int = 0
     docs_removed: int = 0
+    drift: Drift = field(default_factory=Drift)
 
 
 @dataclass
@@ -63,14 +80,17 @@ class IndexReport:
     seconds: float
     skipped: list[dict[str, str]]
     dry_run: bool = False
+    drift: Drift = field(default_factory=Drift)
 
     @property
     def summary(self) -> str:
         rate = self.chunks_embedded / self.seconds if self.seconds else 0.0
+        d = self.drift
+        drift = f" | drift in {d.docs} docs: missing {d.missing} orphans {d.orphans} stale {d.stale}" if d else ""
         return (
             f"indexed {self.collection}: docs +{self.docs_added} ~{self.docs_changed} -{self.docs_removed} "
             f"={self.docs_unchanged} failed {self.docs_failed} | chunks embedded {self.chunks_embedded} "
-            f"retagged {self.chunks_retagged} deleted {self.chunks_deleted} total {self.chunks_total} | "
+            f"retagged {self.chunks_retagged} deleted {self.chunks_deleted} total {self.chunks_total}{drift} | "
             f"{self.seconds:.1f}s ({rate:.1f} chunks/s)" + (" [dry run]" if self.dry_run else "")
         )
 
@@ -100,19 +120,30 @@ def plan_sync(
     chunker: Callable[[str], list[str]],
     model_id: str,
 ) -> SyncPlan:
-    """Compare the corpus with the stored rows. Pure: no model, no store."""
+    """Compare the corpus with the stored rows. Pure: no model, no store.
+
+    Doc ids must be unique (`load_documents` makes them so): a doc listed twice is refused here
+    rather than planned twice.
+    """
     stored_by_doc: dict[str, dict[str, tuple[str, int]]] = defaultdict(dict)
     for cid, (doc_id, version, n) in ledger.items():
         stored_by_doc[doc_id][cid] = (version, n)
     plan = SyncPlan()
+    seen: set[str] = set()
     for doc in docs:
+        if doc.doc_id in seen:
+            raise ValueError(f"document {doc.doc_id} is listed twice; each doc id must be planned once")
+        seen.add(doc.doc_id)
         stored = stored_by_doc.get(doc.doc_id, {})
         versions = {v for v, _ in stored.values()}
         counts = {n for _, n in stored.values()}
         if versions == {doc.version} and counts == {len(stored)}:
             plan.docs_unchanged += 1
             continue
-        if stored:
+        drifted = doc.version in versions  # indexed at this version before: the rows drifted, the doc did not change
+        if drifted:
+            plan.drift.docs += 1
+        elif stored:
             plan.docs_changed += 1
         else:
             plan.docs_added += 1
@@ -122,9 +153,13 @@ def plan_sync(
             have = stored.get(row["chunk_id"])
             if have is None:
                 plan.to_embed.append(row)
+                plan.drift.missing += drifted
             elif have != (doc.version, row["doc_chunks"]):
                 plan.to_retag.append(row)
-        plan.to_delete.extend(cid for cid in stored if cid not in expected)
+                plan.drift.stale += drifted
+        extra = [cid for cid in stored if cid not in expected]
+        plan.to_delete.extend(extra)
+        plan.drift.orphans += len(extra) if drifted else 0
     current = {d.doc_id for d in docs} | keep_doc_ids
     for doc_id, stored in stored_by_doc.items():
         if doc_id not in current:
@@ -148,30 +183,40 @@ def vector_batches(texts: dict[str, str], cfg: TunedexConfig) -> Iterator[dict[s
         yield dict(zip(ids, embedder.embed([texts[cid] for cid in ids])))
 
 
-def write_plan(client: Any, cfg: TunedexConfig, name: str, plan: SyncPlan) -> int:
+@dataclass
+class Written:
+    embedded: int  # rows embedded, the re-tags whose stored vector had vanished included
+    retagged: int  # rows re-tagged with their stored vector
+    deleted: int
+
+
+def write_plan(client: Any, cfg: TunedexConfig, name: str, plan: SyncPlan) -> Written:
     """New rows first, then re-tags, then deletes: a kill anywhere leaves only repairable state.
 
-    The collection is created on the first write (its dim is the first vector's). Returns the
-    rows re-tagged; one whose stored vector vanished meanwhile (a lost write) is embedded instead.
+    The collection is created on the first write (its dim is the first vector's). A re-tag whose
+    stored vector vanished meanwhile (a lost write) is embedded instead, and counted so.
     """
-    rows = {r["chunk_id"]: r for r in plan.to_embed}
+    rows = {r["chunk_id"]: r for r in plan.to_embed}  # one row per chunk id, however the plan listed them
     progress = Progress(total_chunks=len(rows), total_docs=len({r["doc_id"] for r in rows.values()}))
-    for i, vectors in enumerate(vector_batches({cid: r["text"] for cid, r in rows.items()}, cfg)):
+    for i, vectors in enumerate(vector_batches({cid: r["text"] for cid, r in rows.items()}, cfg) if rows else ()):
         if i == 0:  # one round trip, not one per batch
             store.ensure_collection(client, cfg.milvus, name, len(next(iter(vectors.values()))))
         store.upsert_rows(client, name, [{**rows[cid], "dense": vec} for cid, vec in vectors.items()])
         progress.update([rows[cid]["doc_id"] for cid in vectors])
-    retagged = 0
+    written = Written(embedded=len(rows), retagged=0, deleted=0)
     size = cfg.milvus.write_batch_size
-    for start in range(0, len(plan.to_retag), size):
-        batch = plan.to_retag[start : start + size]
+    retag = list({r["chunk_id"]: r for r in plan.to_retag}.values())
+    for start in range(0, len(retag), size):
+        batch = retag[start : start + size]
         vectors = store.fetch_vectors(client, name, [r["chunk_id"] for r in batch])
         lost = {r["chunk_id"]: r["text"] for r in batch if r["chunk_id"] not in vectors}
         for more in vector_batches(lost, cfg) if lost else ():
             vectors.update(more)
-        retagged += store.upsert_rows(client, name, [{**r, "dense": vectors[r["chunk_id"]]} for r in batch]) - len(lost)
-    store.delete_ids(client, name, sorted(set(plan.to_delete)))
-    return retagged
+        store.upsert_rows(client, name, [{**r, "dense": vectors[r["chunk_id"]]} for r in batch])
+        written.retagged += len(batch) - len(lost)
+        written.embedded += len(lost)
+    written.deleted = store.delete_ids(client, name, sorted(set(plan.to_delete)))
+    return written
 
 
 class Progress:
@@ -211,27 +256,32 @@ def retire_collections(client: Any, cfg: TunedexConfig, live: str) -> list[str]:
     return retired
 
 
-def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False) -> IndexReport:
+def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False, client: Any = None) -> IndexReport:
+    """One incremental run. `client`: a MilvusClient to write through (left open); else one of its own."""
     started = time.monotonic()
     docs, skipped = load_documents(root, cfg.corpus)
     tokenizer, max_tokens = load_tokenizer(cfg.embedding)
     size = min(cfg.chunking.chunk_size, max_tokens)
     overlap = min(cfg.chunking.chunk_overlap, size - 1)
-    client = store.connect(cfg.milvus)
+    own_client = client is None
+    client = store.connect(cfg.milvus) if own_client else client
     name = store.collection_name(cfg.milvus, slug(cfg.embedding.model))
     exists = client.has_collection(name)
     if exists:
         client.load_collection(name)
     ledger = store.read_ledger(client, name) if exists else {}
     loaded = {d.doc_id for d in docs}
-    failed = {s.doc_id for s in skipped if s.doc_id not in loaded}
+    unreadable = [s for s in skipped if s.kind == "unreadable" and s.doc_id not in loaded]
     # A file that could not be read (wholly, or one JSONL line) keeps every document it had stored.
-    failed_files = {s.source for s in skipped if s.doc_id not in loaded}
+    failed_files = {s.source for s in unreadable}
     keep = {doc_id for doc_id, *_ in ledger.values() if doc_id.split("#")[0] in failed_files}
     plan = plan_sync(docs, ledger, keep, lambda t: chunk_text(t, tokenizer, size, overlap), cfg.embedding.model)
-    retagged = 0
+    if plan.drift:
+        log.warning("the store drifted from the corpus in %d unchanged docs (missing %d, orphans %d, stale %d); "
+                    "repairing", plan.drift.docs, plan.drift.missing, plan.drift.orphans, plan.drift.stale)
+    written = Written(0, 0, 0)
     if not dry_run:
-        retagged = write_plan(client, cfg, name, plan)
+        written = write_plan(client, cfg, name, plan)
         if client.has_collection(name):
             store.point_alias(client, store.live_alias(cfg.milvus), name)
             retire_collections(client, cfg, name)
@@ -241,14 +291,16 @@ def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False) -> Index
         docs_changed=plan.docs_changed,
         docs_removed=plan.docs_removed,
         docs_unchanged=plan.docs_unchanged,
-        docs_failed=len(failed),
-        chunks_embedded=0 if dry_run else len(plan.to_embed),
-        chunks_retagged=retagged,
-        chunks_deleted=0 if dry_run else len(set(plan.to_delete)),
+        docs_failed=len({s.doc_id for s in unreadable}),
+        chunks_embedded=written.embedded,
+        chunks_retagged=written.retagged,
+        chunks_deleted=written.deleted,
         chunks_total=len(ledger) if dry_run or not client.has_collection(name) else store.count_rows(client, name),
         seconds=round(time.monotonic() - started, 3),
         skipped=[asdict(s) for s in skipped],
         dry_run=dry_run,
+        drift=plan.drift,
     )
-    client.close()
+    if own_client:
+        client.close()
     return report

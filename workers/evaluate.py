@@ -147,7 +147,7 @@ def evaluate_strategies(cfg: TunedexConfig, model_path: str, collection: str, it
     from tunedex.infra import store
     from tunedex.infra.embedding import load_embedder
     from tunedex.serving.generation import Sampling, generate_batch, load_generator
-    from tunedex.serving.prompt import build_messages
+    from tunedex.serving.prompt import SYSTEM_PROMPT, build_messages, guard_answer
 
     unknown = [s for s in strategies if s not in STRATEGY_PARTS]
     if unknown:
@@ -175,13 +175,15 @@ def evaluate_strategies(cfg: TunedexConfig, model_path: str, collection: str, it
     for strategy in strategies:
         kind, retrieves = STRATEGY_PARTS[strategy]
         model, tokenizer = models[kind]
-        prompts = [build_messages(it.question, [h.text for h in found] if retrieves else [])
-                   for it, found in zip(items, hits)]
+        system_prompt = cfg.serve.system_prompt or SYSTEM_PROMPT
+        contexts = [[h.text for h in found] if retrieves else [] for found in hits]
+        prompts = [build_messages(it.question, ctx, system_prompt=system_prompt) for it, ctx in zip(items, contexts)]
         started = time.perf_counter()
         answers: list[str] = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
             answers += generate_batch(model, tokenizer, chunk, [Sampling()] * len(chunk), cfg.serve.max_new_tokens)
+        answers = [guard_answer(a, system_prompt, ctx) for a, ctx in zip(answers, contexts)]  # what clients see
         throughput = len(prompts) / (time.perf_counter() - started)
         latencies = []
         for i in range(min(latency_samples, len(prompts))):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +35,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 MARKER = "tunedex_rank{rank}.json"  # one per rank: the checkpoint is complete when every rank's is there
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a run name is one directory under the storage root
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# Test hook (tests/reliability/test_s07_*): read once in `main`, passed to the workers as a config value.
+CHECKPOINT_PAUSE_ENV = "TUNEDEX_TEST_CHECKPOINT_PAUSE_S"
 
 
 class FinetuneError(ValueError):
@@ -97,21 +103,35 @@ def prepare_tokenizer(ft: FinetuneConfig, examples: list[dict[str, Any]]) -> Any
 
 
 def check_base_model(ft: FinetuneConfig) -> None:
-    """Refuse pickle-only weights and remote code before any worker starts."""
+    """Refuse pickle-only weights, remote code and paths that are not model dirs before anything is read."""
     path = Path(ft.base_model).expanduser()
     if not path.exists():
-        if ft.base_model.startswith((".", "/", "~")):
-            raise FinetuneError(f"finetune.base_model {ft.base_model} does not exist; set it to a model dir or a hub id")
+        if ft.base_model.startswith((".", "/", "~")) or not HUB_ID.fullmatch(ft.base_model) or ".." in ft.base_model:
+            raise FinetuneError(
+                f"finetune.base_model {ft.base_model!r} is neither an existing model dir nor a hub id (org/name); "
+                "set it to a local Hugging Face model dir or a hub id"
+            )
         return  # a hub id: from_pretrained resolves it (and fails clearly when offline)
+    if not path.is_dir():
+        raise FinetuneError(f"finetune.base_model {path} is not a directory; point it at a Hugging Face model dir")
     if not (path / "config.json").is_file():
         raise FinetuneError(f"finetune.base_model {path} has no config.json; point it at a Hugging Face model dir")
     if not any(path.glob("*.safetensors")):
-        raise FinetuneError(f"finetune.base_model {path} has no *.safetensors weights; pickled .bin weights are refused")
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    if config.get("auto_map") and not ft.trust_remote_code:
         raise FinetuneError(
-            f"finetune.base_model {path} needs custom code (auto_map); review it and set finetune.trust_remote_code: true"
+            f"finetune.base_model {path} has no *.safetensors weights; pickled .bin weights are refused "
+            "(they can run code when loaded): convert the model to safetensors first"
         )
+    for name in ("config.json", "tokenizer_config.json"):
+        meta = path / name
+        try:
+            remote = meta.is_file() and bool(json.loads(meta.read_text(encoding="utf-8")).get("auto_map"))
+        except (UnicodeDecodeError, ValueError, AttributeError) as exc:
+            raise FinetuneError(f"finetune.base_model {path}: {name} is not a JSON object ({exc}); fix or re-download it") from None
+        if remote and not ft.trust_remote_code:
+            raise FinetuneError(
+                f"finetune.base_model {path} needs custom code ({name} has auto_map); review that code and set "
+                "finetune.trust_remote_code: true, or use a model transformers supports natively"
+            )
 
 
 def model_spec(ft: FinetuneConfig, tokenizer: Any) -> dict[str, Any]:
@@ -245,18 +265,71 @@ def verify_checkpoint(root: Path, world: int) -> dict[str, Any]:
         if not path.is_file():
             raise FinetuneError(f"checkpoint {root} lacks rank {rank}'s completion marker: it is partial; not loading it")
         markers.append(json.loads(path.read_text()))
+    inside = root.resolve()
     for m in markers:
         if m["world"] != world:
             raise FinetuneError(f"checkpoint {root} was written by {m['world']} workers; resume with num_workers={m['world']}")
         for rel, digest in m["files"].items():
             f = root / rel
+            if not f.resolve().is_relative_to(inside):  # a doctored marker must not make us read other files
+                raise FinetuneError(f"checkpoint {root} lists {rel}, outside the checkpoint; not loading it")
             if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != digest:
                 raise FinetuneError(f"checkpoint file {f} is missing or altered (hash mismatch); not loading it")
     return markers[0]
 
 
+def run_dir(storage: Path, run_name: str) -> Path:
+    """Where Ray Train keeps the run's checkpoints: one plain directory under the storage root."""
+    if not RUN_NAME.fullmatch(run_name) or ".." in run_name:
+        raise FinetuneError(
+            f"finetune.ray.run_name {run_name!r} is not a plain name; use letters, digits, '.', '-' and '_' "
+            f"(it names a directory under {storage})"
+        )
+    run = storage / run_name
+    if run.exists() and not run.resolve().is_relative_to(storage.resolve()):
+        raise FinetuneError(f"run dir {run} points outside the storage root {storage} (to {run.resolve()}); "
+                            "remove the link or set another finetune.ray.run_name")
+    return run
+
+
+def check_resume_point(run: Path, world: int) -> int:
+    """The step of the newest complete checkpoint an earlier attempt of this run left (0: none), checked
+    before any worker starts.
+
+    Every complete checkpoint (every rank's marker there) must lie inside the run dir and every file must have
+    its recorded hash: Ray Train restores the last one it registered, which may be older than the newest on
+    disk. A partial one (a rank's marker missing: the run stopped while writing it) was never registered by
+    Ray Train; it is reported and ignored.
+    """
+    if not run.is_dir():
+        return 0
+    root, step = run.resolve(), 0
+    for ckpt in sorted(p for p in run.glob("checkpoint_*") if p.is_dir()):
+        if not ckpt.resolve().is_relative_to(root):
+            raise FinetuneError(f"checkpoint {ckpt} points outside the run dir {root} (to {ckpt.resolve()}); "
+                                "not resuming from it: remove it, or set another finetune.ray.run_name")
+        if (ckpt / "metrics.json").is_file():
+            continue  # the final export
+        markers = sorted(ckpt.glob(MARKER.format(rank="*")))
+        wrote = json.loads(markers[0].read_text())["world"] if markers else world
+        missing = [r for r in range(wrote) if not (ckpt / MARKER.format(rank=r)).is_file()]
+        if missing:
+            log.warning("ignoring partial checkpoint %s: rank %s's completion marker is missing (the run stopped "
+                        "while writing it)", ckpt, missing[0])
+            continue
+        step = max(step, int(verify_checkpoint(ckpt, world)["step"]))
+    return step
+
+
 class RayTrainIO:
-    """Where the loop reports metrics and checkpoints: Ray Train (the other is the GPU check's local dir)."""
+    """Where the loop reports metrics and checkpoints: Ray Train (the other is the GPU check's local dir).
+
+    `upload_delay_s` (a test hook) holds this worker's checkpoint upload back, so a run can be killed
+    while only the other ranks' files have landed in storage.
+    """
+
+    def __init__(self, upload_delay_s: float = 0.0):
+        self.upload_delay_s = upload_delay_s
 
     def latest(self):
         import ray.train
@@ -268,7 +341,13 @@ class RayTrainIO:
         import ray.train
 
         ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=self._delayed_upload if self.upload_delay_s else None)
+
+    def _delayed_upload(self, checkpoint: Any, dir_name: str) -> Any:
+        import ray.train
+
+        time.sleep(self.upload_delay_s)
+        return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
 
 
 def save_checkpoint(engine: Any, io: Any, rank: int, world: int, step: int, state: dict[str, Any], metrics: dict) -> None:
@@ -328,7 +407,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     ctx = ray.train.get_context()
-    train(config, ctx.get_world_rank(), ctx.get_world_size(), RayTrainIO())
+    rank = ctx.get_world_rank()
+    io = RayTrainIO(upload_delay_s=config["checkpoint_pause_s"] if rank else 0.0)
+    train(config, rank, ctx.get_world_size(), io)
 
 
 def clear_stale_build_locks(max_age_s: float = 300.0) -> list[Path]:
@@ -442,7 +523,8 @@ def export_base(ft: FinetuneConfig, tokenizer: Any, out: Path) -> str:
     return str(out)
 
 
-def loop_config(ft: FinetuneConfig, tokenizer: Any, train_seqs: list, eval_seqs: list, bf16: bool) -> dict[str, Any]:
+def loop_config(ft: FinetuneConfig, tokenizer: Any, train_seqs: list, eval_seqs: list, bf16: bool,
+                checkpoint_pause_s: float = 0.0) -> dict[str, Any]:
     """Everything a worker's loop needs, as plain data."""
     return {
         "train": train_seqs, "eval": eval_seqs, "pad_id": tokenizer.pad_token_id,
@@ -450,6 +532,7 @@ def loop_config(ft: FinetuneConfig, tokenizer: Any, train_seqs: list, eval_seqs:
         "learning_rate": ft.learning_rate, "weight_decay": ft.weight_decay, "warmup_steps": ft.warmup_steps,
         "lr_scheduler_type": ft.lr_scheduler_type, "max_steps": ft.max_steps, "logging_steps": ft.logging_steps,
         "eval_steps": ft.eval_steps, "save_steps": ft.save_steps, "seed": ft.seed,
+        "checkpoint_pause_s": checkpoint_pause_s,
     }
 
 
@@ -470,6 +553,20 @@ def finished_run(cfg: TunedexConfig, run_name: str, data_hash: str) -> FinetuneR
     return FinetuneResult(**{**card["metrics"], "eval_losses": {int(k): v for k, v in card["metrics"]["eval_losses"].items()}})
 
 
+def training_failure(run_name: str, exc: Exception, max_failures: int, resume_step: int) -> str:
+    """One message for a run Ray Train gave up on: what the workers died of, and how to go on."""
+    text = "\n".join([str(exc), *map(str, (getattr(exc, "worker_failures", None) or {}).values())])
+    ours = re.search(r"FinetuneError: (.+)", text)  # our own refusal (an altered checkpoint...) says it all
+    died = re.search(r"The actor (is dead|died)[^.]*\.", text)
+    cause = (ours.group(1).strip() if ours else f"a worker died ({died.group(0)})" if died
+             else text.strip().splitlines()[-1][:300])
+    resume = (f"resumes from its last checkpoint (step {resume_step})" if resume_step
+              else "starts from step 0 (no complete checkpoint was written)")
+    return (f"training run {run_name} failed after the {max_failures} restart(s) finetune.ray.max_failures allows: "
+            f"{cause}. Fix the cause; submitting run {run_name} again {resume} (a higher finetune.ray.max_failures "
+            "restarts the workers by itself)")
+
+
 def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -477,6 +574,9 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
     ft = cfg.finetune
     if ft.train_file is None:
         raise FinetuneError("finetune.train_file is not set; point it at a JSONL file (try `tunedex demo-data`)")
+    run_name = run_name or ft.ray.run_name or f"ft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    storage = (ft.ray.storage_path or cfg.data_dir / "ray_results").resolve()
+    run = run_dir(storage, run_name)  # before the name is used in any path
     try:
         rows = load_examples(ft.train_file)
     except DataError as exc:
@@ -487,19 +587,22 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
     to_seq = (lambda xs: sft_data.pack(xs, ft.max_length)) if ft.packing else (lambda xs: [sft_data.as_packed(x) for x in xs])
     train_seqs, eval_seqs = to_seq(train), to_seq(held_out)
     preflight(cfg, len(train_seqs))
-    run_name = run_name or ft.ray.run_name or f"ft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     data_hash = content_hash(ft.train_file.read_bytes())
     finished = finished_run(cfg, run_name, data_hash)
     if finished:
         return finished
-    storage = (ft.ray.storage_path or cfg.data_dir / "ray_results").resolve()
+    resume_step = check_resume_point(run, ft.ray.num_workers)
+    if resume_step:
+        log.info("run %s has complete checkpoints up to step %d; it resumes from the last one Ray Train registered",
+                 run_name, resume_step)
     bf16 = ft.ray.use_gpu and ft.bf16 in ("auto", True)
     log.info("data: %d examples (%s), %d train / %d eval sequences, %d truncated, %d dropped, %d loss tokens",
              stats.examples, stats.formats, len(train_seqs), len(eval_seqs), stats.truncated, stats.dropped,
              stats.loss_tokens)
+    pause = float(os.environ.get(CHECKPOINT_PAUSE_ENV) or 0)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(ft, tokenizer, train_seqs, eval_seqs, bf16),
+        train_loop_config=loop_config(ft, tokenizer, train_seqs, eval_seqs, bf16, checkpoint_pause_s=pause),
         scaling_config=ray.train.ScalingConfig(
             num_workers=ft.ray.num_workers, use_gpu=ft.ray.use_gpu, resources_per_worker=ft.ray.resources_per_worker
         ),
@@ -511,7 +614,11 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
         ),
     )
     started = time.monotonic()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        resume_step = check_resume_point(run, ft.ray.num_workers)
+        raise FinetuneError(training_failure(run_name, exc, ft.ray.max_failures, resume_step)) from None
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without an exported model; see the worker logs above")
     out = (ft.output_dir or cfg.data_dir / "models" / run_name).resolve()

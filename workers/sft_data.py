@@ -50,10 +50,31 @@ def example_kind(row: Any) -> str | None:
     return None
 
 
+ROLES = {"system", "user", "assistant"}
+
+
+def example_problem(row: Any) -> str | None:
+    """Why a row cannot train anything (None: it can), precisely enough to fix that line."""
+    kind = example_kind(row)
+    if kind is None:
+        return "needs `messages`, `prompt`+`completion` or `text` (strings)"
+    if kind == "messages":
+        roles = [m["role"] for m in row["messages"]]
+        unknown = sorted(set(roles) - ROLES)
+        if unknown:
+            return f"unknown role(s) {', '.join(unknown)}; use system, user, assistant"
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in row["messages"]):
+            return "has no non-empty assistant message: nothing to learn from it"
+    if kind == "prompt_completion" and not row["completion"].strip():
+        return "has an empty completion: nothing to learn from it"
+    return None
+
+
 def load_examples(path: Path) -> list[dict[str, Any]]:
     """Every bad line is reported with its number; nothing is silently skipped."""
     if not path.is_file():
-        raise DataError(f"training file {path} does not exist; set finetune.train_file (try `tunedex demo-data`)")
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"training file {path} {what}; set finetune.train_file to a JSONL file (try `tunedex demo-data`)")
     examples, problems = [], []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -64,8 +85,8 @@ def load_examples(path: Path) -> list[dict[str, Any]]:
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 problems.append(f"line {lineno}: not a JSON object ({exc.__class__.__name__})")
                 continue
-            if not example_kind(row):
-                problems.append(f"line {lineno}: needs `messages`, `prompt`+`completion` or `text`")
+            if reason := example_problem(row):
+                problems.append(f"line {lineno}: {reason}")
                 continue
             examples.append(row)
     if problems:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from conftest import run_cli
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.scenario("S8", "promote A->B, rollba
 AUTH = {"Authorization": "Bearer test-key-123"}
 
 
-def test_release_swap_under_load_drops_nothing(pipeline, tmp_path):
+def test_release_swap_under_load_drops_nothing(pipeline, tmp_path, record_property):
     """promote A -> B, rollback -> A, two broken releases refused, promote B again (cold load), all while
     clients query and stream; every answer names the release that produced it."""
     import openai
@@ -30,16 +31,26 @@ def test_release_swap_under_load_drops_nothing(pipeline, tmp_path):
     shutil.copytree(model_a, model_b)
     results: list[tuple[str, int, str]] = []
     failures: list[str] = []
+    latencies: list[tuple[float, float]] = []  # (start, seconds) of every query
+    readyz: list[int] = []
     stop = threading.Event()
 
     def query_loop() -> None:
         with httpx.Client(timeout=120) as http:
             while not stop.is_set():
                 try:
+                    started = time.monotonic()
                     resp = http.post(f"{url}/v1/query", json={"question": "When is shipping free?"}, headers=AUTH)
+                    latencies.append((started, time.monotonic() - started))
                     results.append(("query", resp.status_code, resp.json().get("release_id", "")))
                 except Exception as exc:  # noqa: BLE001 - every failure is what this test counts
                     failures.append(repr(exc))
+
+    def readyz_loop() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                readyz.append(http.get(f"{url}/readyz").status_code)
+                time.sleep(0.2)
 
     def stream_loop() -> None:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="test-key-123", max_retries=0, timeout=120)
@@ -54,11 +65,13 @@ def test_release_swap_under_load_drops_nothing(pipeline, tmp_path):
             except Exception as exc:  # noqa: BLE001
                 failures.append(repr(exc))
 
-    threads = [threading.Thread(target=query_loop) for _ in range(3)] + [threading.Thread(target=stream_loop)]
+    threads = [threading.Thread(target=query_loop) for _ in range(3)] + [threading.Thread(target=stream_loop),
+                                                                         threading.Thread(target=readyz_loop)]
     for t in threads:
         t.start()
     try:
-        time.sleep(2)
+        time.sleep(4)
+        swaps_started = time.monotonic()
         out = run_cli("promote", "--model", str(model_b), "-c", path, "--set", "serve.serve_base_model=true",
                       cwd=cwd).stdout
         b = re.search(r"promoted (rel-\S+):", out).group(1)
@@ -92,3 +105,14 @@ def test_release_swap_under_load_drops_nothing(pipeline, tmp_path):
     assert served == {a, b}, served
     assert len(results) > 20
     assert httpx.get(f"{url}/readyz", timeout=10).json()["release_id"] == b
+    assert readyz and set(readyz) == {200}, sorted(set(readyz))
+    streams = sum(kind == "stream" for kind, _, _ in results)
+    baseline = [s for t, s in latencies if t < swaps_started]
+    during = [s for t, s in latencies if t >= swaps_started]
+    p99 = float(np.percentile(baseline, 99))
+    stalls = sum(s > 3 * p99 for s in during)
+    record_property("held", f"{len(results)} requests ({streams} openai streams) through promote, rollback, a corrupt "
+                            "and a failing release (both refused, A kept serving), a cold re-promote: 0 failed, every "
+                            f"answer from A or B, each stream from one release; /readyz 200 x{len(readyz)}; query p99 "
+                            f"{p99 * 1000:.0f} ms before the swaps, slowest during {max(during) * 1000:.0f} ms "
+                            f"({stalls} of {len(during)} over 3x the p99)")

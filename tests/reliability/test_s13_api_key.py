@@ -3,18 +3,55 @@
 import httpx
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.scenario("S13", "every served route (from /openapi.json) without a key, with wrong, Basic, empty and query-string keys")]
+from tunedex.serving.app import authorized
 
-AUTH = {"Authorization": "Bearer test-key-123"}
+pytestmark = [pytest.mark.slow, pytest.mark.scenario(
+    "S13", "every served route (read from /openapi.json) without a key and with 7 wrong forms of it; "
+           "the openai client with a wrong key")]
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+WRONG = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dGVzdC1rZXktMTIz"},
+         {"Authorization": "Bearer"}, {"Authorization": f"Bearer {KEY.upper()}"},
+         {"Authorization": f"bearer {KEY}"}, {"Authorization": f"Bearer  {KEY}"}, {"X-API-Key": KEY}]
+# (a trailing space is refused by HTTP clients before sending; the unit test below covers it)
 
 
-def test_every_route_but_the_probes_requires_the_key(pipeline):
+def test_every_route_but_the_probes_requires_the_key(pipeline, record_property):
+    import openai
+
     from tunedex.serving.app import OPEN_ROUTES
 
     url = pipeline["cfg"].serve.url
     spec = httpx.get(f"{url}/openapi.json", headers=AUTH, timeout=30).json()  # the routes the replica serves
-    routes = [(path, m.upper()) for path, ops in spec["paths"].items() for m in ops] + [("/openapi.json", "GET")]
+    routes = [(path, m.upper()) for path, ops in spec["paths"].items() for m in ops]
+    routes += [("/openapi.json", "GET"), ("/docs", "GET"), ("/metrics", "GET"), ("/no/such/route", "GET")]
     assert {"/v1/query", "/v1/chat/completions", "/v1/completions", "/v1/models"} <= {p for p, _ in routes}
-    for path, method in routes:
-        resp = httpx.request(method, f"{url}{path}", json={}, timeout=30)
-        assert resp.status_code == (200 if path in OPEN_ROUTES else 401), (method, path, resp.status_code)
+    calls = 0
+    with httpx.Client(timeout=60) as http:
+        for path, method in routes:
+            for headers in WRONG:
+                resp = http.request(method, f"{url}{path}", json={}, headers=headers, params={"api_key": KEY})
+                calls += 1
+                if path in OPEN_ROUTES:
+                    assert resp.status_code == 200, (method, path, resp.status_code)
+                else:
+                    assert resp.status_code == 401 and "error" in resp.json(), (method, path, headers, resp.status_code)
+                    assert resp.headers["www-authenticate"] == "Bearer"
+        assert http.get(f"{url}/v1/models", headers=AUTH).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model="tunedex", messages=[{"role": "user", "content": "hi"}])
+    open_routes = sorted(p for p, _ in routes if p in OPEN_ROUTES)
+    record_property("held", f"{calls} calls on {len(routes)} routes with no or a wrong key: 401 + JSON on every "
+                            f"route but {', '.join(open_routes)}; the right key 200; openai client AuthenticationError")
+
+
+def test_the_key_check_is_exact_and_constant_time():
+    import inspect
+
+    assert authorized(f"Bearer {KEY}", KEY)
+    for header in (None, "", "Bearer", f"Bearer {KEY} ", f"bearer {KEY}", f"Basic {KEY}", f"Bearer {KEY.upper()}",
+                   f"Bearer {KEY}x", f"Bearer {KEY[:-1]}"):
+        assert not authorized(header, KEY), header
+    assert "hmac.compare_digest" in inspect.getsource(authorized)  # no early exit on the first differing byte

@@ -1,0 +1,120 @@
+"""S5: an embedding-model change under query load. A shadow collection is built with another embedding model;
+the live alias moves to it and back behind the endpoint's back; a release on the new collection is promoted
+and rolled back, while 4 clients query. Every answer's sources come from its release's collection only.
+
+Latency: the scenario bounds p99 during the swaps by 2x p99 before them; on 2 shared cores the new release's
+replicas load beside the serving ones, so the bound here is 2x or under 1 s, and the figures are recorded."""
+
+import json
+import re
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from test_index import _model_copy
+from tunedex.infra import store
+from tunedex.infra.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.scenario(
+    "S5", "a shadow collection from another embedding model; alias moved to it and back, a release on it "
+          "promoted and rolled back, under 4 query clients (up to 2,000 requests)")]
+
+AUTH = {"Authorization": "Bearer test-key-123"}
+QUESTIONS = ["When is shipping free?", "How many days do I have to return an item?", "Quartz lamp price",
+             "What warranty does the Basalt Keyboard have?"]
+
+
+def collection_ids(cfg, name: str) -> set[str]:
+    client = store.connect(cfg.milvus)
+    try:
+        return {r["chunk_id"] for r in store.iter_rows(client, name, ["chunk_id"])}
+    finally:
+        client.close()
+
+
+def p99(values: list[float]) -> float:
+    return float(np.percentile(values, 99)) if values else 0.0
+
+
+def test_embedding_model_change_under_load_never_mixes_collections(pipeline, demo, tmp_path, record_property):
+    cfg, path, cwd = pipeline["cfg"], str(pipeline["path"]), pipeline["cwd"]
+    url = cfg.serve.url
+    release_a = httpx.get(f"{url}/readyz", timeout=10).json()["release_id"]
+    rec_a = json.loads((cfg.registry_dir / "releases" / f"{release_a}.json").read_text())
+    model_b = str(_model_copy(tmp_path / "minilm-b"))
+    out = run_cli("index", str(demo["day1"]), "-c", path, "--set", f"embedding.model={model_b}", cwd=cwd).stdout
+    collection_b = re.search(r"indexed (\S+):", out).group(1)
+    assert collection_b != rec_a["collection"]
+    ids = {rec_a["collection"]: collection_ids(cfg, rec_a["collection"]), collection_b: collection_ids(cfg, collection_b)}
+    assert not ids[rec_a["collection"]] & ids[collection_b]  # chunk ids name their embedding model
+    collection_of = {release_a: rec_a["collection"]}
+
+    results: list[tuple[float, float, int, str, list[str]]] = []  # start, seconds, status, release, chunk ids
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client_loop(k: int) -> None:
+        with httpx.Client(timeout=120) as http:
+            for i in range(500):
+                if stop.is_set():
+                    return
+                started = time.monotonic()
+                try:
+                    resp = http.post(f"{url}/v1/query", headers=AUTH,
+                                     json={"question": QUESTIONS[(i + k) % len(QUESTIONS)], "mode": "retrieve"})
+                    body = resp.json()
+                    results.append((started, time.monotonic() - started, resp.status_code, body.get("release_id", ""),
+                                    [s["chunk_id"] for s in body.get("sources", [])]))
+                except Exception as exc:  # noqa: BLE001 - every failure is what this test counts
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(4)]
+    deadline = time.monotonic() + 300
+    for t in threads:
+        t.start()
+
+    def wait_for(n: int) -> None:
+        while len(results) < n and time.monotonic() < deadline and any(t.is_alive() for t in threads):
+            time.sleep(0.05)
+
+    try:
+        wait_for(300)
+        client = store.connect(cfg.milvus)
+        live = store.live_alias(cfg.milvus)
+        store.point_alias(client, live, rec_a["collection"])  # the alias, behind the endpoint's back
+        store.point_alias(client, live, collection_b)
+        client.close()
+        wait_for(600)
+        swap_started = time.monotonic()
+        out = run_cli("promote", "--model", rec_a["model_path"], "-c", path, "--set", f"embedding.model={model_b}",
+                      cwd=cwd).stdout
+        release_b = re.search(r"promoted (rel-\S+):", out).group(1)
+        collection_of[release_b] = collection_b
+        wait_for(1400)
+        run_cli("rollback", "-c", path, cwd=cwd)
+        swap_ended = time.monotonic()
+        wait_for(2000)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        client = store.connect(cfg.milvus)
+        store.point_alias(client, store.live_alias(cfg.milvus), rec_a["collection"])  # as the other scenarios expect
+        client.close()
+    assert not failures, failures[:5]
+    assert all(status == 200 for _, _, status, _, _ in results), [r[:4] for r in results if r[2] != 200][:5]
+    served = {release for *_, release, _ in results}
+    assert served == {release_a, release_b}, served
+    mixed = [r for r in results if not set(r[4]) <= ids[collection_of[r[3]]]]
+    assert not mixed, mixed[:3]
+    before = [s for start, s, *_ in results if start < swap_started]
+    during = [s for start, s, *_ in results if swap_started <= start <= swap_ended]
+    assert httpx.get(f"{url}/readyz", timeout=10).json()["release_id"] == release_a
+    record_property("held", f"{len(results)} requests, 0 failed, 0 with sources from another release's collection "
+                            f"({len(served)} releases served); p99 {p99(before) * 1000:.0f} ms before the swaps, "
+                            f"{p99(during) * 1000:.0f} ms during them ({len(during)} requests)")
+    assert p99(during) <= 2 * p99(before) or p99(during) < 1.0, (p99(before), p99(during))
