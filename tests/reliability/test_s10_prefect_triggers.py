@@ -14,7 +14,7 @@ import pytest
 
 from conftest import run_cli
 from reliability.prefect_stack import (  # noqa: F401 - prefect_api and reembed are fixtures
-    ConcurrentRuns, corpus_rows, index_figures, kill_tree, prefect_api, prefect_client, reembed, stored_set,
+    ConcurrentRuns, corpus_rows, flow_run_processes, index_figures, kill_tree, prefect_api, prefect_client, reembed, stored_set,
     trigger, tunedex_worker, wait_deployment, wait_state,
 )
 from reliability.indexing_helpers import mutate
@@ -61,6 +61,11 @@ def test_keyed_duplicates_share_a_run_and_an_overlap_is_cancelled_never_concurre
         before = corpus_rows(reembed)
         mutate(reembed["corpus"], random.Random(11), 0.05, "s10")  # 10 docs changed, 10 deleted, 10 added
         after = corpus_rows(reembed)
+        # the first run's process outlives its COMPLETED state by its shutdown; the next run waits for that,
+        # so that a sample with both is a real overlap
+        deadline = time.monotonic() + 60
+        while str(first) in flow_run_processes(worker.pid).values() and time.monotonic() < deadline:
+            time.sleep(0.2)
         second = trigger(api, parameters=params, idempotency_key=f"nightly-{uuid.uuid4()}").id
         second_state, _ = wait_state(api, second, final, timeout=180)
         watch.stop()

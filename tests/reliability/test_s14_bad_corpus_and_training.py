@@ -11,8 +11,8 @@ from tunedex.workers.finetune import FinetuneError
 from tunedex.workers.finetune import main as finetune
 
 pytestmark = [pytest.mark.slow, pytest.mark.scenario(
-    "S14", "17 bad corpus inputs (empty, non-UTF-8, binary, oversized, malformed JSONL lines, a symlink out, a good "
-           "doc turned unreadable) and 14 bad training files")]
+    "S14", "16 bad corpus inputs (empty, non-UTF-8, binary, oversized, malformed JSONL lines, a symlink out, a good "
+           "doc turned unreadable) and 15 bad training files")]
 
 GOOD = {
     "a.md": "# Returns\nItems can be returned within 30 days of delivery.",
