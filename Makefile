@@ -34,18 +34,23 @@ demo: install
 	@echo "  $(BIN)/tunedex ask \"What warranty does the Basalt Keyboard 101 have?\""
 	@echo "Day 2: $(BIN)/tunedex flows run nightly-reembed --corpus $(DEMO)/day2/corpus   Stop: make down"
 
-# pytest exits 5 when it collected no tests: that is reported apart from failures, and fails too.
+# pytest exits 5 when it collected no tests: reported apart from failures, and a failure too.
+# Options take the `--opt=value` form: pytest reads a bare value before the conftest that knows the option
+# as a path to collect, and then does not load tests/conftest.py.
+define pytest
+	@$(BIN)/python -m pytest $(1) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make $@: pytest collected no tests (exit 5)"; exit 1; fi; exit $$rc
+endef
+
 # `make test` leaves out the soak runs; CI passes TEST_MARKS="not scenario", as `make reliability` runs those.
 TEST_MARKS ?= not soak
 
 test: install
-	@$(BIN)/python -m pytest -m "$(TEST_MARKS)" $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 1; fi; exit $$rc
+	$(call pytest,-m "$(TEST_MARKS)")
 
 # Every shared/RELIABILITY.md scenario (S1-S16), the soak runs included; writes docs/reliability.md.
 reliability: install
-	@$(BIN)/python -m pytest -m scenario --scenario-table docs/reliability.md $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make reliability: pytest collected no scenario tests (exit 5)"; exit 1; fi; exit $$rc
+	$(call pytest,-m scenario --scenario-table=docs/reliability.md)
 
 down:
 	$(BIN)/tunedex down -c $(CONFIG)
