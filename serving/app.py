@@ -51,11 +51,6 @@ def authorized(header: str | None, key: str) -> bool:
 MAX_HEADERS = 100  # more header fields than this get 431, whatever their size
 
 
-def limit_error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}},
-                        status_code=status)
-
-
 class BodyLimit:
     """431 for headers over `serve.max_header_bytes` or MAX_HEADERS fields; 413 for a body over
     `serve.max_body_bytes`, by its Content-Length before reading or as it streams in."""
@@ -71,11 +66,11 @@ class BodyLimit:
         headers = scope.get("headers") or []
         header_bytes, header_limit = sum(len(k) + len(v) for k, v in headers), app.state.max_header_bytes
         if len(headers) > MAX_HEADERS or header_bytes > header_limit:
-            return await limit_error(431, f"request headers are too large ({len(headers)} fields, {header_bytes} "
-                                          f"bytes; at most {MAX_HEADERS} fields and serve.max_header_bytes="
-                                          f"{header_limit})", "headers_too_large")(scope, receive, send)
+            return await openai_error(431, f"request headers are too large ({len(headers)} fields, {header_bytes} "
+                                           f"bytes; at most {MAX_HEADERS} fields and serve.max_header_bytes="
+                                           f"{header_limit})", "headers_too_large")(scope, receive, send)
         declared = dict(headers).get(b"content-length", b"")
-        too_large = limit_error(413, f"request body is over {limit} bytes (serve.max_body_bytes)", "body_too_large")
+        too_large = openai_error(413, f"request body is over {limit} bytes (serve.max_body_bytes)", "body_too_large")
         if declared.isdigit() and int(declared) > limit:
             return await too_large(scope, receive, send)
         received, answered = 0, False

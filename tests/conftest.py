@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,6 +45,32 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, check: bool = True) -> 
     if check and proc.returncode != 0:
         raise AssertionError(f"tunedex {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def embedding_model_copy(dst: Path) -> Path:
+    """The packaged embedding model under another path: another embedding model id as far as tunedex knows."""
+    from tunedex.infra.embedding import resolve_model_path
+
+    src = Path(resolve_model_path("all-MiniLM-L6-v2"))
+    for f in src.rglob("*"):
+        if f.is_file():
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            (dst / f.relative_to(src)).symlink_to(f)
+    return dst
+
+
+def ray_rss_mb(cfg: TunedexConfig, title: str) -> float:
+    """Resident memory (MB) of this stack's Ray worker processes whose title holds `title` (e.g. "ProxyActor"):
+    the children of the raylet serving the stack's GCS address, not another cluster's on the machine."""
+    import psutil
+
+    gcs = re.compile(rf"--gcs-address=\S+:{cfg.ray.port}\b")  # the node's IP or loopback; the port is the stack's
+    raylets = [p for p in psutil.process_iter(["name", "cmdline"])
+               if p.info["name"] == "raylet" and gcs.search(" ".join(p.info["cmdline"] or []))]
+    assert raylets, f"no raylet of the Ray head on port {cfg.ray.port}"
+    procs = [c for r in raylets for c in r.children(recursive=True) if title in " ".join(c.cmdline())]
+    assert procs, f"no process of this stack titled {title!r}"
+    return sum(c.memory_info().rss for c in procs) / 2**20
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 import pytest
 
+from conftest import embedding_model_copy
+
 from tunedex.infra import store
 from tunedex.infra.config import load_config
 from tunedex.workers.embed import index_corpus
@@ -85,26 +87,13 @@ def test_ray_data_pipeline_writes_the_same_rows_as_in_process(stack, cfg, demo):
         assert np.allclose(row["dense"], local_rows[cid]["dense"], atol=1e-4), cid
 
 
-def _model_copy(dst):
-    """The packaged model under another path: another embedding model id as far as tunedex knows."""
-    from tunedex.infra.embedding import resolve_model_path
-    from pathlib import Path
-
-    src = Path(resolve_model_path("all-MiniLM-L6-v2"))
-    for f in src.rglob("*"):
-        if f.is_file():
-            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-            (dst / f.relative_to(src)).symlink_to(f)
-    return dst
-
-
 def test_model_change_builds_a_new_collection_moves_the_alias_and_retires_old_ones(stack, demo, tmp_path):
     from tunedex.infra import registry
 
     path, _ = stack
     base = ["milvus.collection=swap", "milvus.keep_collections=2"]
     names = []
-    models = ["all-MiniLM-L6-v2", *(str(_model_copy(tmp_path / f"minilm-{x}")) for x in "bcd")]
+    models = ["all-MiniLM-L6-v2", *(str(embedding_model_copy(tmp_path / f"minilm-{x}")) for x in "bcd")]
     for model in models:
         cfg = load_config(path, [*base, f"embedding.model={model}"])
         report = index_corpus(cfg, demo["day1"])

@@ -164,7 +164,7 @@ def look_alikes(p: Product, catalog: list[Product], rng: random.Random, count: i
 def retrieved(rng: random.Random, support: str, distractors: list[str]) -> tuple[list[str], int]:
     """Chunks as the endpoint sends them (stripped, as indexed): the supporting one first `SUPPORT_FIRST`
     of the time, else further down; returns them and the number an answer cites."""
-    at = 0 if rng.random() < SUPPORT_FIRST else rng.randrange(1, len(distractors) + 1)
+    at = 0 if not distractors or rng.random() < SUPPORT_FIRST else rng.randrange(1, len(distractors) + 1)
     chunks = [d.strip() for d in distractors]
     chunks.insert(at, support.strip())
     return chunks, at + 1

@@ -14,8 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import run_cli
-from test_index import _model_copy
+from conftest import embedding_model_copy, run_cli
 from tunedex.infra import store
 from tunedex.infra.config import load_config
 
@@ -45,7 +44,7 @@ def test_embedding_model_change_under_load_never_mixes_collections(pipeline, dem
     url = cfg.serve.url
     release_a = httpx.get(f"{url}/readyz", timeout=10).json()["release_id"]
     rec_a = json.loads((cfg.registry_dir / "releases" / f"{release_a}.json").read_text())
-    model_b = str(_model_copy(tmp_path / "minilm-b"))
+    model_b = str(embedding_model_copy(tmp_path / "minilm-b"))
     out = run_cli("index", str(demo["day1"]), "-c", path, "--set", f"embedding.model={model_b}", cwd=cwd).stdout
     collection_b = re.search(r"indexed (\S+):", out).group(1)
     assert collection_b != rec_a["collection"]

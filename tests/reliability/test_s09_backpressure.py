@@ -7,10 +7,9 @@ import re
 import time
 
 import httpx
-import psutil
 import pytest
 
-from conftest import run_cli
+from conftest import ray_rss_mb, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.scenario(
     "S9", "Generator and Release max_ongoing_requests=2, max_queued_requests=4; 64 simultaneous requests, then "
@@ -21,11 +20,6 @@ AUTH = {"Authorization": "Bearer test-key-123"}
 # request is refused before it costs a retrieval.
 LIMIT = '{"max_ongoing_requests": 2, "max_queued_requests": 4, "backpressure_config": {"status_code": 503, "retry_after_s": 2}}'
 LIMITS = f'serve.deployments={{"Generator": {LIMIT}, "Release": {LIMIT}}}'
-
-
-def proxy_rss_mb() -> float:
-    procs = [p for p in psutil.process_iter(["cmdline"]) if "ProxyActor" in " ".join(p.info["cmdline"] or [])]
-    return sum(p.memory_info().rss for p in procs) / 2**20
 
 
 async def burst(url: str, n: int) -> list[tuple[int, float, dict, str]]:
@@ -47,7 +41,7 @@ def test_a_burst_over_the_queue_is_refused_cleanly_and_slots_come_back(pipeline,
     limited = re.search(r"promoted (rel-\S+):", out).group(1)
     try:
         assert httpx.get(f"{url}/readyz", timeout=10).json()["release_id"] == limited
-        rss_before = proxy_rss_mb()
+        rss_before = ray_rss_mb(pipeline["cfg"], "ProxyActor")
         results = asyncio.run(burst(url, 64))
         statuses = [r[0] for r in results]
         refused = [r for r in results if r[0] != 200]
@@ -77,7 +71,7 @@ def test_a_burst_over_the_queue_is_refused_cleanly_and_slots_come_back(pipeline,
             sequential = [http.post(f"{url}/v1/query", headers=AUTH, json={"question": "When is shipping free?"}
                                     ).status_code for _ in range(20)]
         assert sequential == [200] * 20
-        growth = proxy_rss_mb() - rss_before
+        growth = ray_rss_mb(pipeline["cfg"], "ProxyActor") - rss_before
         assert growth < 50, f"the proxy grew {growth:.1f} MB"
         record_property("held", f"64 at once: {statuses.count(200)} x 200, {len(refused)} x 503 + JSON + Retry-After "
                                 f"(slowest refusal {slowest_refusal * 1000:.0f} ms), 0 x 500; {abandoned} abandoned "

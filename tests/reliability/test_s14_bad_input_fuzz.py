@@ -5,8 +5,9 @@ import socket
 from urllib.parse import urlparse
 
 import httpx
-import psutil
 import pytest
+
+from conftest import ray_rss_mb
 
 pytestmark = [pytest.mark.slow, pytest.mark.scenario(
     "S14", "34 malformed, oversized and out-of-range requests sent once each (50 MB upload, 1,000 headers, "
@@ -50,13 +51,6 @@ def content_length(data: bytes) -> int:
         if line.lower().startswith(b"content-length:"):
             return int(line.split(b":")[1])
     return 0
-
-
-def rss_mb(marker: str) -> float:
-    """Resident memory of the processes whose command line holds `marker`."""
-    procs = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
-    assert procs, f"no process with {marker!r}"
-    return sum(p.memory_info().rss for p in procs) / 2**20
 
 
 def test_bad_requests_get_clear_4xx_and_nothing_breaks(pipeline, record_property):
@@ -119,6 +113,9 @@ def test_bad_requests_get_clear_4xx_and_nothing_breaks(pipeline, record_property
         ("lying Content-Length (shorter than the body)", lambda: raw_request(
             url, post + "Content-Length: 5\r\n", json.dumps(CHAT).encode())),
     ]
+    def rss_mb(title: str) -> float:
+        return ray_rss_mb(pipeline["cfg"], title)
+
     ingress_before, proxy_before = rss_mb("ServeReplica:tunedex:Ingress"), rss_mb("ProxyActor")
     fifty_mb = raw_request(url, post + f"Content-Length: {50 * 2**20}\r\n", b"{", send_more=50 * 2**20)
     rss_growth = rss_mb("ServeReplica:tunedex:Ingress") - ingress_before
