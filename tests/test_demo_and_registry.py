@@ -33,6 +33,21 @@ def test_demo_data_is_deterministic_and_day2_changes_facts(tmp_path):
     assert len({ex["messages"][1]["content"].split('"')[1] for ex in grounded}) > 1  # the nonce varies
 
 
+def test_demo_data_for_one_chunk_has_reading_practice_over_another_catalog(tmp_path):
+    """`tunedex demo-effect`'s data: grounded examples show the one chunk the endpoint will send, and the
+    base's reading practice names no product of ours."""
+    paths = write_demo_data(tmp_path, chunks=1)
+    train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    grounded = [ex["messages"][1]["content"] for ex in train if ex["messages"][0]["role"] == "system"]
+    assert grounded and all(text.count("<document ") == 1 for text in grounded)
+    reading = [json.loads(line) for line in paths["reading"].read_text().splitlines()]
+    assert len(reading) == 2700 and all(ex["messages"][-1]["content"].endswith("[1]") for ex in reading)
+    ours = {p.stem.upper() for p in (paths["day1"] / "products").iterdir()} | {
+        p.stem.upper() for p in (paths["day2"] / "products").iterdir()}
+    practised = "\n".join(ex["messages"][1]["content"] for ex in reading)
+    assert not [sku for sku in ours if f"SKU: {sku}\n" in practised]
+
+
 def _model_dir(path: Path, weights: str = "model.safetensors") -> Path:
     import torch
     from safetensors.torch import save_file

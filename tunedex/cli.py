@@ -159,13 +159,33 @@ def doctor(config: ConfigOpt = None) -> None:
 
 @app.command("demo-data")
 @friendly_errors
-def demo_data(out: Path, products: int = typer.Option(30, min=3, help="products in the day-1 catalog")) -> None:
+def demo_data(
+    out: Path,
+    products: int = typer.Option(30, min=3, help="products in the day-1 catalog"),
+    chunks: int = typer.Option(3, min=1, max=10, help="retrieved chunks each grounded example shows (= serve.top_k)"),
+) -> None:
     """Write the synthetic knowledge base (day 1, day 2), training examples and a QA set to OUT."""
     from tunedex.demo_data import write_demo_data
 
-    paths = write_demo_data(out, n_products=products)
+    paths = write_demo_data(out, n_products=products, chunks=chunks)
     for name, path in paths.items():
         typer.echo(f"{name:5} {path}")
+
+
+@app.command("demo-effect")
+@friendly_errors
+def demo_effect(
+    out: Annotated[Path, typer.Argument(help="directory for its data, models and report")] = Path("demo-effect"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Show fine-tune vs RAG vs both for real (tiny models, CPU, ~15-25 min): pretrain a base on reading
+    practice, fine-tune it on day 1, index day 2, measure the four strategies on the day-2 questions."""
+    from tunedex.demo_effect import run
+
+    setup(config, set_)
+    data = run(config_path(config), set_ or [], out, echo=typer.echo)
+    print_report(data, *data["paths"])
 
 
 @app.command()
@@ -225,25 +245,29 @@ def promote(
     set_: SetOpt = None,
 ) -> None:
     """Record a release = (model, collection) and serve it; a running endpoint swaps without dropping requests."""
-    from tunedex.infra import registry, store
+    from tunedex.infra import registry
 
     cfg = setup(config, set_)
     if release_id:
         release = registry.load_release(cfg.registry_dir, release_id)
     else:
-        model = model or newest_model(cfg)
-        registry.check_model_dir(model)
-        if collection is None:
-            client = store.connect(cfg.milvus)
-            collection = store.resolve_alias(client, store.live_alias(cfg.milvus))
-            if collection is None:
-                raise registry.RegistryError("no indexed collection yet; run `tunedex index CORPUS` or pass --collection")
-        release = registry.new_release(model, collection, cfg.embedding.model,
-                                       consistency_level=cfg.milvus.consistency_level)
+        release = candidate_release(cfg, model or newest_model(cfg), collection)
         registry.save_release(cfg.registry_dir, release)
     swapped = promote_release(cfg, config, set_, release)
     typer.echo(f"promoted {release.release_id}: model {release.model_path}, collection {release.collection}"
                + (" (the endpoint now serves it)" if swapped else ""))
+
+
+def candidate_release(cfg: TunedexConfig, model: Path, collection: str | None) -> Any:
+    """A release of `model` and `collection` (default: the live alias's target), not yet recorded."""
+    from tunedex.infra import registry, store
+
+    registry.check_model_dir(model)
+    if collection is None:
+        collection = store.resolve_alias(store.connect(cfg.milvus), store.live_alias(cfg.milvus))
+        if collection is None:
+            raise registry.RegistryError("no indexed collection yet; run `tunedex index CORPUS` or pass --collection")
+    return registry.new_release(model, collection, cfg.embedding.model, consistency_level=cfg.milvus.consistency_level)
 
 
 def promote_release(cfg: TunedexConfig, config: Path | None, overrides: list[str] | None, release: Any) -> bool:
@@ -364,6 +388,8 @@ def report(
     set_: SetOpt = None,
     qa: Optional[Path] = typer.Option(None, help="QA set (default: evaluate.qa_file)"),
     release_id: Optional[str] = typer.Option(None, "--release", help="release to evaluate (default: the promoted one)"),
+    model: Optional[Path] = typer.Option(None, help="evaluate this exported model dir with the live collection "
+                                                    "(a candidate before `tunedex promote`) instead of a release"),
     strategies: str = typer.Option("base,finetuned,rag,hybrid", help="comma-separated: base, finetuned, rag, hybrid"),
     out: Path = typer.Option(Path("reports"), help="directory for report.json and report.html"),
     max_questions: Optional[int] = typer.Option(None, min=1, help="evaluate only the first N questions"),
@@ -371,18 +397,30 @@ def report(
     """Measure fine-tune vs RAG vs both on your QA set; print the table and a recommendation, write JSON + HTML."""
     from tunedex.infra import registry
     from tunedex.workers.evaluate import build_report
-    from tunedex.workers.report import table, write
+    from tunedex.workers.report import write
 
     cfg = setup(config, set_)
     qa_file = qa or cfg.evaluate.qa_file
     if qa_file is None:
         raise ConfigError("no QA set: pass --qa FILE or set evaluate.qa_file (try DIR/day2/qa.jsonl from `tunedex demo-data`)")
-    release = registry.load_release(cfg.registry_dir, release_id) if release_id else registry.current_release(cfg.registry_dir)
+    if model is not None and release_id:
+        raise ConfigError("pass --release or --model, not both")
+    if model is not None:
+        release = candidate_release(cfg, model, None)
+    elif release_id:
+        release = registry.load_release(cfg.registry_dir, release_id)
+    else:
+        release = registry.current_release(cfg.registry_dir)
     if release is None:
         raise registry.RegistryError(f"no promoted release in {cfg.registry_dir}; run `tunedex promote` or pass --release")
     data = build_report(cfg, release, qa_file, [s.strip() for s in strategies.split(",") if s.strip()],
                         max_questions or cfg.evaluate.max_questions)
-    json_path, html_path = write(data, out)
+    print_report(data, *write(data, out))
+
+
+def print_report(data: dict[str, Any], json_path: Path, html_path: Path) -> None:
+    from tunedex.workers.report import table
+
     typer.echo(table(data))
     typer.echo("")
     for line in data["recommendation"]:

@@ -6,7 +6,9 @@
 - train.jsonl: support-style chat examples in the house style, closed-book and grounded in retrieved chunks
   (as they are, and altered so that only the context answers them: `training_examples`);
 - qa.jsonl: questions with reference answers per day, supporting doc ids and a static/changed split;
-  day1/qa.jsonl and day2/qa.jsonl: the same in the evaluation format (one `answer`, as of that day).
+  day1/qa.jsonl and day2/qa.jsonl: the same in the evaluation format (one `answer`, as of that day);
+- reading.jsonl: reading practice over another catalog, to pretrain a tiny base model that can answer from
+  a given chunk (`make demo-effect`; a real base model already can).
 """
 
 from __future__ import annotations
@@ -234,14 +236,19 @@ def qa_set(day1: list[Product], day2: list[Product], pol1: list[Policy], pol2: l
     return rows
 
 
-def write_demo_data(out: Path, n_products: int = 30, seed: int = 7, chunks: int = CONTEXT_CHUNKS) -> dict[str, Path]:
+READING_PRODUCTS = 900  # products in the reading-practice catalog: 2,700 examples
+
+
+def write_demo_data(out: Path, n_products: int = 30, seed: int = 7, chunks: int = CONTEXT_CHUNKS,
+                    counterfactuals: int = 2) -> dict[str, Path]:
     rng = random.Random(seed)
     day1 = make_products(rng, n_products)
     day2 = day2_products(rng, day1)
     pol1, pol2 = make_policies(30, 50), make_policies(45, 50)
     write_corpus(out / "day1" / "corpus", day1, pol1)
     write_corpus(out / "day2" / "corpus", day2, pol2)
-    _write_jsonl(out / "train.jsonl", training_examples(day1, pol1, chunks=chunks))
+    _write_jsonl(out / "train.jsonl", training_examples(day1, pol1, counterfactuals, chunks))
+    _write_jsonl(out / "reading.jsonl", reading_examples(random.Random(11), READING_PRODUCTS, chunks=chunks))
     qa = qa_set(day1, day2, pol1, pol2)
     _write_jsonl(out / "qa.jsonl", qa)
     for day in ("day1", "day2"):  # the evaluation format: one reference answer, as of that day's corpus
@@ -249,7 +256,8 @@ def write_demo_data(out: Path, n_products: int = 30, seed: int = 7, chunks: int 
             {"question": r["question"], "answer": r[f"answer_{day}"], "doc_ids": r["doc_ids"], "split": r["split"],
              "kind": r["kind"], "as_of": day} for r in qa])
     return {"day1": out / "day1" / "corpus", "day2": out / "day2" / "corpus", "train": out / "train.jsonl",
-            "qa": out / "qa.jsonl", "qa_day1": out / "day1" / "qa.jsonl", "qa_day2": out / "day2" / "qa.jsonl"}
+            "qa": out / "qa.jsonl", "qa_day1": out / "day1" / "qa.jsonl", "qa_day2": out / "day2" / "qa.jsonl",
+            "reading": out / "reading.jsonl"}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
