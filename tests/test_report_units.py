@@ -74,3 +74,17 @@ def test_report_renders_table_html_with_three_charts_and_json(tmp_path):
     json_path, html_path = write(r, tmp_path / "out")
     assert json.loads(json_path.read_text())["strategies"]["hybrid"]["f1"] == r["strategies"]["hybrid"]["f1"]
     assert html_path.read_text().startswith("<!doctype html>")
+
+
+def test_report_takes_a_release_or_a_candidate_model_and_names_a_missing_one(tmp_path):
+    from conftest import run_cli, write_config
+
+    config, qa = write_config(tmp_path / "t.yaml", tmp_path / "data"), tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "q", "answer": "a"}\n')
+    both = run_cli("report", "-c", str(config), "--qa", str(qa), "--release", "rel-x", "--model", str(tmp_path),
+                   cwd=tmp_path, check=False)
+    assert both.returncode == 2 and "pass --release or --model, not both" in both.stderr + both.stdout
+    missing = run_cli("report", "-c", str(config), "--qa", str(qa), "--model", str(tmp_path / "nope"), cwd=tmp_path,
+                      check=False)
+    assert missing.returncode == 1 and str(tmp_path / "nope") in missing.stderr + missing.stdout
+    assert "Traceback" not in missing.stderr
