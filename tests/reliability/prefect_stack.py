@@ -112,10 +112,13 @@ def corpus_rows(setup: dict) -> set[tuple[str, str, str]]:
 
 @contextmanager
 def tunedex_worker(setup: dict, log_name: str = "worker.log") -> Iterator[subprocess.Popen]:
-    """`tunedex worker -c CONFIG` in its own session; stopped with SIGTERM at the end if still alive."""
+    """`tunedex worker -c CONFIG` in its own session; stopped with SIGTERM at the end if still alive. It polls
+    for runs every 2 s (Prefect's default is 10 s, as long as a first re-embed run here: a run triggered
+    to overlap it could otherwise be picked up only after it ended)."""
     log = open(setup["cwd"] / log_name, "ab")
     proc = subprocess.Popen([str(BIN / "tunedex"), "worker", "-c", str(setup["path"])], cwd=setup["cwd"], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
                             start_new_session=True)
     try:
         yield proc

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.scenario(
     "S10", "run_deployment twice with one idempotency key, once more without while it runs; a cron registered "
            "twice; the worker SIGKILLed while a run holds the slot")]
 
-CORPUS_DOCS = 100  # a first run long enough for an overlapping trigger to meet it, short enough for 4 min
+CORPUS_DOCS = 200  # a first run long enough (~20 s) for an overlapping trigger to meet it, short enough for 4 min
 
 def final(state) -> bool:
     return state.is_final()
@@ -56,7 +56,12 @@ def test_keyed_duplicates_share_a_run_and_an_overlap_is_cancelled_never_concurre
         overlap_state, _ = wait_state(api, overlap, final, timeout=60)
         first_state, _ = wait_state(api, first, final, timeout=180)
         assert first_state.is_completed(), first_state.message
-        assert overlap_state.is_cancelled() and "concurrency limit" in (overlap_state.message or ""), overlap_state
+        if not overlap_state.is_cancelled():
+            with prefect_client(api) as client:
+                runs = {r: client.read_flow_run(r) for r in (first, overlap)}
+            pytest.fail(f"the overlapping run ended {overlap_state.type.value}: it started {runs[overlap].start_time}, "
+                        f"the first run ended {runs[first].end_time}")
+        assert "concurrency limit" in (overlap_state.message or ""), overlap_state
 
         before = corpus_rows(reembed)
         mutate(reembed["corpus"], random.Random(11), 0.05, "s10")  # 10 docs changed, 10 deleted, 10 added
