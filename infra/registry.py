@@ -99,6 +99,19 @@ def new_release(model_path: Path, collection: str, embedding_model: str, eval_re
     )
 
 
+def candidate_release(cfg: Any, model_path: Path, collection: str | None = None) -> Release:
+    """A release of `model_path` and `collection` (default: the live alias's target), not yet recorded:
+    what `tunedex promote` records and `tunedex report --model` / `demo-effect` evaluate."""
+    from tunedex.infra import store
+
+    check_model_dir(model_path)
+    if collection is None:
+        collection = store.resolve_alias(store.connect(cfg.milvus), store.live_alias(cfg.milvus))
+        if collection is None:
+            raise RegistryError("no indexed collection yet; run `tunedex index CORPUS` or pass --collection")
+    return new_release(model_path, collection, cfg.embedding.model, consistency_level=cfg.milvus.consistency_level)
+
+
 def save_release(root: Path, release: Release) -> None:
     write_json_atomic(root / "releases" / f"{release.release_id}.json", asdict(release))
 

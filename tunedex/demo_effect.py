@@ -50,7 +50,7 @@ def run(config: Path | None, overrides: list[str], out: Path, echo: Any = print)
     import ray
 
     from tunedex.demo_data import write_demo_data
-    from tunedex.infra import registry, store
+    from tunedex.infra import registry
     from tunedex.workers import report as report_io
     from tunedex.workers.embed import index_corpus
     from tunedex.workers.evaluate import build_report
@@ -77,9 +77,7 @@ def run(config: Path | None, overrides: list[str], out: Path, echo: Any = print)
         ray.shutdown()
     echo(f"3/4 indexing day 2 ({demo['day2']})")
     echo(index_corpus(cfg, demo["day2"]).summary)
-    collection = store.resolve_alias(store.connect(cfg.milvus), store.live_alias(cfg.milvus))
-    release = registry.new_release(Path(tuned.output_dir), collection, cfg.embedding.model,
-                                   consistency_level=cfg.milvus.consistency_level)
+    release = registry.candidate_release(cfg, Path(tuned.output_dir))
     echo(f"4/4 base / fine-tuned / RAG / hybrid on the day-2 questions ({demo['qa_day2']})")
     report = build_report(cfg, release, demo["qa_day2"], ["base", "finetuned", "rag", "hybrid"])
     report["paths"] = report_io.write(report, out / "report")
