@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# the embedded Milvus `tunedex up` starts (milvus.local_engine: milvus-lite-2.5, chosen by bench/retrieval_latency.py):
+# the C++ milvus-lite 2.5 server in a venv of its own, as its setuptools<81 pin is not the project's
+MILVUS_VENV  := .venv-milvus
+MILVUS_STAMP := $(MILVUS_VENV)/.installed
 CONFIG ?= configs/local.yaml
 DEMO   := demo-data
 EFFECT := demo-effect
 
 .PHONY: install demo demo-effect test test-effect reliability down clean
 
-install: $(STAMP)
+install: $(STAMP) $(MILVUS_STAMP)
 
 # torch first, pinned: the CPU wheel on this disk; an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -18,6 +22,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+$(MILVUS_STAMP):
+	test -x $(MILVUS_VENV)/bin/python || $(PYTHON) -m venv $(MILVUS_VENV)
+	$(MILVUS_VENV)/bin/python -m pip install -q "setuptools<81" milvus-lite==2.5.1
+	touch $(MILVUS_STAMP)
 
 demo: install
 	$(BIN)/tunedex up -c $(CONFIG)

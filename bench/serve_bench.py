@@ -204,12 +204,11 @@ def main() -> None:
         try:
             import ray
 
-            from tunedex.infra import store
             from tunedex.serving import control
             from tunedex.workers.embed import index_corpus
 
             index_corpus(cfg, demo["day1"])
-            collection = store.resolve_alias(store.connect(cfg.milvus), store.live_alias(cfg.milvus))
+            collection = registry.live_collection(cfg)
             texts = [p.read_text() for p in demo["day1"].rglob("*.md")]
             model = build_model(tmp / f"model-{args.size}", texts, SHAPES[args.size])
             questions = [json.loads(line)["question"] for line in demo["qa"].read_text().splitlines()][:20]

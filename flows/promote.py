@@ -51,7 +51,7 @@ def decision_markdown(candidate: dict, current: dict | None, metric: str, promot
 def evaluate_and_promote(config: str, overrides: list[str] | None = None, model: str | None = None) -> dict[str, Any]:
     """Score the candidate (default: the newest registered fine-tune on the live index) and the serving
     release on `evaluate.qa_file`; promote the candidate when `workers.evaluate.gate` says so."""
-    from tunedex.infra import registry, store
+    from tunedex.infra import registry
     from tunedex.workers.evaluate import gate
 
     overrides = overrides or []
@@ -59,7 +59,7 @@ def evaluate_and_promote(config: str, overrides: list[str] | None = None, model:
     model_path = model or str(registry.latest_model(cfg.registry_dir) or "")
     if not model_path:
         raise registry.RegistryError(f"no model version in {cfg.registry_dir}; run the finetune flow first")
-    collection = store.resolve_alias(store.connect(cfg.milvus), store.live_alias(cfg.milvus))
+    collection = registry.live_collection(cfg)
     if collection is None:
         raise registry.RegistryError("no indexed collection yet; run the nightly-reembed flow first")
     serving = registry.current_release(cfg.registry_dir)

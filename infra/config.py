@@ -27,7 +27,7 @@ class Section(BaseModel):
 
 _INDEX_DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "HNSW": ({"M": 16, "efConstruction": 200}, {"ef": 64}),
-    "IVF_FLAT": ({"nlist": 128}, {"nprobe": 16}),
+    "IVF_FLAT": ({"nlist": 1024}, {"nprobe": 32}),
     "FLAT": ({}, {}),
     "AUTOINDEX": ({}, {}),
 }
@@ -37,9 +37,14 @@ class MilvusConfig(Section):
     uri: str = Field("http://127.0.0.1:19530", description="Milvus endpoint; a server is http://milvus:19530")
     token: str = Field("", description="Milvus token (user:password) for a secured server")
     local_server: bool = Field(True, description="`tunedex up` starts a Milvus Lite server for a loopback uri")
+    local_engine: Literal["milvus-lite-2.5", "milvus-lite-3"] = Field(
+        "milvus-lite-2.5",
+        description="server `tunedex up` starts: the C++ milvus-lite 2.5 (.venv-milvus; FLAT/IVF_FLAT, no aliases) "
+        "or the pure-Python Milvus Lite 3 (bench/retrieval_latency.py compares them)",
+    )
     collection: str = Field("tunedex_docs", description="collection name prefix; the model id is appended")
     consistency_level: Literal["Strong", "Session", "Bounded", "Eventually"] = "Strong"
-    index_type: Literal["HNSW", "FLAT", "IVF_FLAT", "AUTOINDEX"] = "HNSW"
+    index_type: Literal["HNSW", "FLAT", "IVF_FLAT", "AUTOINDEX"] = "IVF_FLAT"
     index_params: dict[str, Any] | None = Field(None, description="dense index build params; default per index_type")
     search_params: dict[str, Any] | None = Field(None, description="dense search params; default per index_type")
     write_batch_size: int = Field(256, ge=1, le=10_000)
@@ -56,6 +61,15 @@ class MilvusConfig(Section):
                 f"{v!r} is not a Milvus URL; use http://HOST:PORT, e.g. http://127.0.0.1:19530"
             )
         return v
+
+    @model_validator(mode="after")
+    def _index_on_local_engine(self) -> "MilvusConfig":
+        if self.local_server and self.is_loopback and self.local_engine == "milvus-lite-2.5" and self.index_type not in ("FLAT", "IVF_FLAT"):
+            raise ValueError(
+                f"index_type {self.index_type} is not available on milvus.local_engine milvus-lite-2.5 (FLAT and IVF_FLAT only); "
+                "set milvus.index_type: IVF_FLAT, or milvus.local_engine: milvus-lite-3"
+            )
+        return self
 
     @field_validator("collection")
     @classmethod

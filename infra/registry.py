@@ -100,16 +100,45 @@ def new_release(model_path: Path, collection: str, embedding_model: str, eval_re
 
 
 def candidate_release(cfg: Any, model_path: Path, collection: str | None = None) -> Release:
-    """A release of `model_path` and `collection` (default: the live alias's target), not yet recorded:
+    """A release of `model_path` and `collection` (default: the live collection), not yet recorded:
     what `tunedex promote` records and `tunedex report --model` / `demo-effect` evaluate."""
-    from tunedex.infra import store
-
     check_model_dir(model_path)
     if collection is None:
-        collection = store.resolve_alias(store.connect(cfg.milvus), store.live_alias(cfg.milvus))
+        collection = live_collection(cfg)
         if collection is None:
             raise RegistryError("no indexed collection yet; run `tunedex index CORPUS` or pass --collection")
     return new_release(model_path, collection, cfg.embedding.model, consistency_level=cfg.milvus.consistency_level)
+
+
+def point_live(cfg: Any, client: Any, collection: str) -> None:
+    """Make `collection` the live one under `milvus.collection`: recorded in `live.json` here, the source of truth
+    on every engine, and the Milvus alias moved too where the engine has aliases (milvus-lite 2.5 has none)."""
+    from tunedex.infra import store
+
+    alias = store.live_alias(cfg.milvus)
+    live = _live(cfg.registry_dir)
+    if live.get(alias, {}).get("collection") != collection:
+        live[alias] = {"collection": collection, "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_json_atomic(cfg.registry_dir / "live.json", live)
+    if store.has_aliases(client):
+        store.point_alias(client, alias, collection)
+
+
+def live_collection(cfg: Any, client: Any = None) -> str | None:
+    """The live collection under `milvus.collection`: the registry's record; for an index built before the
+    registry kept one, the Milvus alias's target where the engine has aliases; None when nothing is indexed."""
+    from tunedex.infra import store
+
+    alias = store.live_alias(cfg.milvus)
+    if recorded := _live(cfg.registry_dir).get(alias):
+        return recorded["collection"]
+    client = client or store.connect(cfg.milvus)
+    return store.resolve_alias(client, alias) if store.has_aliases(client) else None
+
+
+def _live(root: Path) -> dict[str, dict[str, str]]:
+    path = root / "live.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def save_release(root: Path, release: Release) -> None:

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import psutil
 
-from tunedex.infra.config import TunedexConfig
+from tunedex.infra.config import MilvusConfig, TunedexConfig
 
 
 class ServiceError(RuntimeError):
@@ -93,6 +93,48 @@ def _log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def milvus_lite_25_binary() -> Path:
+    """The C++ server of milvus-lite 2.5, installed by `make install` in .venv-milvus beside this environment."""
+    venv = Path(sys.prefix).parent / ".venv-milvus"
+    found = sorted(venv.glob("lib/python3*/site-packages/milvus_lite/lib/milvus"))
+    if not found:
+        raise ServiceError(
+            f"milvus-lite 2.5 is not installed in {venv}; run `make install` "
+            "(or set milvus.local_engine: milvus-lite-3)"
+        )
+    return found[0]
+
+
+def launch_milvus(cfg: MilvusConfig, data: Path, log_path: Path) -> subprocess.Popen:
+    """Start the `milvus.local_engine` server on `milvus.uri`'s port, its data in `data`, output to `log_path`."""
+    host, port = urlparse(cfg.uri).hostname, cfg.port
+    data.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if cfg.local_engine == "milvus-lite-2.5":
+        # the binary itself (what milvus_lite.server.Server runs), so its pid is the server's
+        binary = milvus_lite_25_binary()
+        cmd = [str(binary), str(data / "milvus.db"), f"{host}:{port}", "ERROR"]
+        env["LD_LIBRARY_PATH"] = f"{binary.parent}:{env.get('LD_LIBRARY_PATH', '')}"
+    else:
+        cmd = [_bin("milvus-lite"), "server", "--data-dir", str(data), "--host", host, "--port", str(port)]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=data,
+                                env=env, start_new_session=True)
+
+
+def wait_listening(cfg: MilvusConfig, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    host, port = urlparse(cfg.uri).hostname, cfg.port
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"{cfg.local_engine} server exited with code {proc.returncode}; log {log_path}:\n{_log_tail(log_path)}")
+        if port_open(host, port):
+            return
+        time.sleep(0.3)
+    proc.kill()
+    raise ServiceError(f"{cfg.local_engine} server did not listen on {port} within {timeout:.0f}s; log {log_path}")
+
+
 def start_milvus(cfg: TunedexConfig, timeout: float = 60.0) -> ServiceStatus:
     host, port = urlparse(cfg.milvus.uri).hostname, cfg.milvus.port
     pid_file = _pid_file(cfg, "milvus")
@@ -102,25 +144,12 @@ def start_milvus(cfg: TunedexConfig, timeout: float = 60.0) -> ServiceStatus:
         raise ServiceError(
             f"port {port} ({cfg.milvus.uri}) is taken by another process; stop it, or set milvus.uri to a free port"
         )
-    data = (cfg.data_dir / "milvus").resolve()
-    data.mkdir(parents=True, exist_ok=True)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     log_path = cfg.run_dir / "milvus.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [_bin("milvus-lite"), "server", "--data-dir", str(data), "--host", host, "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+    proc = launch_milvus(cfg.milvus, (cfg.data_dir / "milvus").resolve(), log_path)
     pid_file.write_text(str(proc.pid))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServiceError(f"Milvus Lite server exited with code {proc.returncode}; log {log_path}:\n{_log_tail(log_path)}")
-        if port_open(host, port):
-            return milvus_status(cfg)
-        time.sleep(0.3)
-    proc.kill()
-    raise ServiceError(f"Milvus Lite server did not listen on {port} within {timeout:.0f}s; log {log_path}")
+    wait_listening(cfg.milvus, proc, log_path, timeout)
+    return milvus_status(cfg)
 
 
 def milvus_status(cfg: TunedexConfig) -> ServiceStatus:
@@ -128,7 +157,7 @@ def milvus_status(cfg: TunedexConfig) -> ServiceStatus:
     pid = _read_pid(_pid_file(cfg, "milvus"))
     listening = port_open(host, port)
     if pid and listening:
-        detail = f"Milvus Lite server pid {pid}, data {cfg.data_dir / 'milvus'}"
+        detail = f"{cfg.milvus.local_engine} server pid {pid}, data {cfg.data_dir / 'milvus'}"
     elif listening:
         detail = "listening (not started by tunedex)"
     elif pid:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
+import grpc
 from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, RRFRanker, WeightedRanker
 
 from tunedex.infra.config import MilvusConfig
@@ -151,6 +152,22 @@ def model_collections(client: MilvusClient, cfg: MilvusConfig) -> list[tuple[str
             desc = client.describe_collection(name).get("description", "")
             out.append((desc.partition("created=")[2], name))
     return sorted(out)
+
+
+def has_aliases(client: MilvusClient) -> bool:
+    """Whether the engine implements aliases: milvus-lite 2.5 answers UNIMPLEMENTED (the registry says what is live)."""
+    rpc_log = logging.getLogger("pymilvus.decorators")  # it logs the expected UNIMPLEMENTED as an ERROR
+    level = rpc_log.level
+    rpc_log.setLevel(logging.CRITICAL)
+    try:
+        client.list_aliases()
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        return False
+    finally:
+        rpc_log.setLevel(level)
+    return True
 
 
 def point_alias(client: MilvusClient, alias: str, name: str) -> None:

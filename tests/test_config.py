@@ -92,3 +92,10 @@ def test_config_reference_documents_every_key():
     doc = (REPO / "docs" / "config.md").read_text()
     missing = [f"{p}{k}" for p, k in _keys(TunedexConfig) if f"| `{k}` |" not in doc]
     assert not missing, f"docs/config.md lacks {missing}"
+
+
+def test_local_milvus_lite_25_refuses_an_index_it_lacks():
+    with pytest.raises(ConfigError, match="index_type HNSW is not available on milvus.local_engine milvus-lite-2.5"):
+        load_config(None, ["milvus.index_type=HNSW"])
+    assert load_config(None, ["milvus.index_type=HNSW", "milvus.local_engine=milvus-lite-3"]).milvus.index_type == "HNSW"
+    assert load_config(None, ["milvus.index_type=HNSW", "milvus.uri=http://milvus:19530"]).milvus.index_type == "HNSW"

@@ -87,7 +87,7 @@ def test_ray_data_pipeline_writes_the_same_rows_as_in_process(stack, cfg, demo):
         assert np.allclose(row["dense"], local_rows[cid]["dense"], atol=1e-4), cid
 
 
-def test_model_change_builds_a_new_collection_moves_the_alias_and_retires_old_ones(stack, demo, tmp_path):
+def test_model_change_builds_a_new_collection_moves_the_live_pointer_and_retires_old_ones(stack, demo, tmp_path):
     from tunedex.infra import registry
 
     path, _ = stack
@@ -99,7 +99,9 @@ def test_model_change_builds_a_new_collection_moves_the_alias_and_retires_old_on
         report = index_corpus(cfg, demo["day1"])
         names.append(report.collection)
         client = store.connect(cfg.milvus)
-        assert store.resolve_alias(client, "swap_live") == report.collection
+        assert registry.live_collection(cfg, client) == report.collection
+        if store.has_aliases(client):  # moved as well where the engine has aliases
+            assert store.resolve_alias(client, "swap_live") == report.collection
         live_ids = {r["chunk_id"] for r in store.iter_rows(client, report.collection, ["chunk_id"])}
         client.close()
         if len(names) == 1:

@@ -23,12 +23,14 @@ def test_taken_port_is_named_with_the_fix(tmp_path):
             services.start_milvus(cfg)
 
 
-def test_milvus_lite_server_starts_is_idempotent_and_death_is_reported(tmp_path):
-    cfg = load_config(None, [f"data_dir={tmp_path}", f"milvus.uri=http://127.0.0.1:{free_port()}"])
+@pytest.mark.parametrize("engine", ["milvus-lite-2.5", "milvus-lite-3"])
+def test_milvus_lite_server_starts_is_idempotent_and_death_is_reported(tmp_path, engine):
+    cfg = load_config(None, [f"data_dir={tmp_path}", f"milvus.uri=http://127.0.0.1:{free_port()}",
+                             f"milvus.local_engine={engine}"])
     assert services.milvus_status(cfg).detail.startswith("not running")
     try:
         first = services.start_milvus(cfg)
-        assert first.running and "Milvus Lite server pid" in first.detail
+        assert first.running and f"{engine} server pid" in first.detail
         assert services.start_milvus(cfg).detail == first.detail  # a second `up` reuses it
         pid = int((cfg.run_dir / "milvus.pid").read_text())
         os.kill(pid, signal.SIGKILL)

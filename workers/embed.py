@@ -283,7 +283,9 @@ def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False, client: 
     if not dry_run:
         written = write_plan(client, cfg, name, plan)
         if client.has_collection(name):
-            store.point_alias(client, store.live_alias(cfg.milvus), name)
+            from tunedex.infra.registry import point_live
+
+            point_live(cfg, client, name)
             retire_collections(client, cfg, name)
     report = IndexReport(
         collection=name,
