@@ -79,10 +79,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, demo: dict[str, Path]):
+def stack(tmp_path_factory: pytest.TempPathFactory, demo: dict[str, Path], request: pytest.FixtureRequest):
     """`tunedex up` on free ports; yields (config path, config); `tunedex down` at the end."""
     root = tmp_path_factory.mktemp("stack")
-    path = write_config(root / "tunedex.yaml", root / "data", finetune={"train_file": str(demo["train"])})
+    path = write_config(root / "tunedex.yaml", root / "data", finetune={"train_file": str(demo["train"])},
+                        milvus={"local_engine": request.config.getoption("milvus_engine")})
     cfg: TunedexConfig = load_config(path)
     try:
         services.up(cfg)
@@ -112,6 +113,8 @@ def pipeline(stack, demo):
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--scenario-table", metavar="PATH", default=None,
                      help="write a Markdown table of the shared/RELIABILITY.md scenarios run and what held")
+    parser.addoption("--milvus-engine", default="milvus-lite-2.5", choices=["milvus-lite-2.5", "milvus-lite-3"],
+                     help="milvus.local_engine of the shared stack (the tests run on either embedded engine)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,5 +1,6 @@
 """S5: an embedding-model change under query load. A shadow collection is built with another embedding model;
-the live alias moves to it and back behind the endpoint's back; a release on the new collection is promoted
+the live pointer (the registry's record, and the Milvus alias where the engine has aliases) moves to it and back
+behind the endpoint's back; a release on the new collection is promoted
 and rolled back, while 4 clients query. Every answer's sources come from its release's collection only.
 
 Latency: the scenario bounds p99 during the swaps by 2x p99 before them; on 2 shared cores the new release's
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import embedding_model_copy, run_cli
-from tunedex.infra import store
+from tunedex.infra import registry, store
 from tunedex.infra.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.scenario(
@@ -83,9 +84,8 @@ def test_embedding_model_change_under_load_never_mixes_collections(pipeline, dem
     try:
         wait_for(300)
         client = store.connect(cfg.milvus)
-        live = store.live_alias(cfg.milvus)
-        store.point_alias(client, live, rec_a["collection"])  # the alias, behind the endpoint's back
-        store.point_alias(client, live, collection_b)
+        registry.point_live(cfg, client, rec_a["collection"])  # the live pointer, behind the endpoint's back
+        registry.point_live(cfg, client, collection_b)
         client.close()
         wait_for(600)
         swap_started = time.monotonic()
@@ -102,7 +102,7 @@ def test_embedding_model_change_under_load_never_mixes_collections(pipeline, dem
         for t in threads:
             t.join(timeout=120)
         client = store.connect(cfg.milvus)
-        store.point_alias(client, store.live_alias(cfg.milvus), rec_a["collection"])  # as the other scenarios expect
+        registry.point_live(cfg, client, rec_a["collection"])  # as the other scenarios expect
         client.close()
     assert not failures, failures[:5]
     assert all(status == 200 for _, _, status, _, _ in results), [r[:4] for r in results if r[2] != 200][:5]
