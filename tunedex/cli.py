@@ -240,7 +240,7 @@ def finetune(
 def promote(
     release_id: Annotated[Optional[str], typer.Argument(help="an existing release to serve again")] = None,
     model: Annotated[Optional[Path], typer.Option(help="exported model dir (default: the newest registered fine-tune)")] = None,
-    collection: Annotated[Optional[str], typer.Option(help="collection (default: the live alias's target)")] = None,
+    collection: Annotated[Optional[str], typer.Option(help="collection (default: the live collection, the registry's live.json)")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
