@@ -20,7 +20,10 @@ def doc_id_for_path(root: Path, path: Path) -> str:
 
 
 def chunk_id(doc_id: str, index: int, text: str, model_id: str) -> str:
-    """hash(doc id, chunk index, chunk text, embedding model id): changing the model changes every id."""
+    """hash(doc id, index, chunk text, embedding model id): changing the model changes every id.
+
+    `index` is the chunk's repeat number among identical texts of its doc (0 for a unique text), so
+    repeated chunks get distinct ids and an insertion elsewhere leaves the id unchanged."""
     h = hashlib.sha256()
     for part in (doc_id, str(index), text, model_id):
         h.update(part.encode("utf-8"))

@@ -28,14 +28,34 @@ def test_chunk_ids_are_deterministic_and_model_specific():
     assert slug("sentence-transformers/all-MiniLM-L6-v2") == "all_minilm_l6_v2"
 
 
-def test_chunks_respect_size_and_overlap(tokenizer):
-    text = " ".join(f"word{i}" for i in range(400))
+def test_chunks_follow_boundaries_and_never_exceed_size(tokenizer):
+    sentences = [f"Sentence {i} talks about topic {i % 7} in a few words." for i in range(60)]
+    text = "\n\n".join(" ".join(sentences[i : i + 4]) for i in range(0, 60, 4))
+    text += "\n\n" + " ".join(f"word{i}" for i in range(400))  # one overlong sentence: split by tokens
     chunks = chunk_text(text, tokenizer, size=50, overlap=10)
     sizes = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chunks]
-    assert len(chunks) > 5 and max(sizes) <= 50
-    assert chunks[0].split()[-1] in chunks[1]  # neighbours share the overlap
+    assert max(sizes) <= 50 and chunks == chunk_text(text, tokenizer, size=50, overlap=10)
+    assert all(c in text for c in chunks)  # slices of the original text
+    assert all(c.endswith(".") for c in chunks if "word" not in c)  # cut at sentence ends
     assert chunks[-1].endswith("word399")
     assert chunk_text("   ", tokenizer, 50, 10) == []
+
+
+def test_editing_one_sentence_re_embeds_at_most_two_chunks(tokenizer):
+    paras = [" ".join(f"Paragraph {p} sentence {s} says something plain." for s in range(5)) for p in range(30)]
+    before = "\n\n".join(paras)
+    for p in (0, 7, 15, 29):
+        edited = before.replace(f"Paragraph {p} sentence 2 says", f"Paragraph {p} sentence 2 now says, at length,")
+        old = {r["chunk_id"] for r in chunk_rows(_doc("d", before), chunk_text(before, tokenizer, 64, 0), "m")}
+        new = {r["chunk_id"] for r in chunk_rows(_doc("d", edited), chunk_text(edited, tokenizer, 64, 0), "m")}
+        assert 1 <= len(new - old) <= 2
+
+
+def test_repeated_identical_chunks_get_distinct_ids():
+    rows = chunk_rows(_doc("d", "x"), ["same", "other", "same"], "m")
+    assert len({r["chunk_id"] for r in rows}) == 3
+    shifted = chunk_rows(_doc("d", "x"), ["new", "same", "other", "same"], "m")
+    assert {r["chunk_id"] for r in rows} < {r["chunk_id"] for r in shifted}  # an insertion keeps the others' ids
 
 
 def _doc(doc_id, text):

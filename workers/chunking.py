@@ -1,27 +1,82 @@
-"""Token-aware chunking with the embedding model's own tokenizer."""
+"""Boundary-aware chunking with the embedding model's own tokenizer.
+
+Chunks are built from paragraphs (sentences for a paragraph over `size` tokens, token windows
+for a sentence over `size`), packed greedily up to `size` tokens. A chunk also ends after any
+unit whose text hash says so (content-defined, about one unit in three): an edit then moves only
+the boundaries next to it, and the packing is back in step a unit or two later, so an edit
+re-embeds about the chunks it touches rather than the rest of the document.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
+
+PARAGRAPH = re.compile(r"\S(?:.*?\S)?(?=\s*\n\s*\n|\s*$)", re.S)
+SENTENCE = re.compile(r"\S.*?(?:[.!?](?=\s)|$)", re.S)
+
+
+def _ends_chunk(text: str) -> bool:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=1).digest()[0] % 3 == 0
+
+
+def _units(text: str, tokenizer: Any, size: int, overlap: int) -> list[tuple[int, int, int]]:
+    """(start, end, tokens) of each paragraph, sentence or token window, in order; every one <= size tokens."""
+    out = []
+    for para in PARAGRAPH.finditer(text):
+        spans = [para.span()]
+        if _count(tokenizer, para.group()) > size:
+            spans = [(para.start() + s.start(), para.start() + s.end()) for s in SENTENCE.finditer(para.group())]
+        for start, end in spans:
+            n = _count(tokenizer, text[start:end])
+            if n <= size:
+                out.append((start, end, n))
+            else:
+                out.extend(_windows(text, start, end, tokenizer, size, overlap))
+    return out
+
+
+def _count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _windows(text: str, start: int, end: int, tokenizer: Any, size: int, overlap: int) -> list[tuple[int, int, int]]:
+    """A sentence over `size` tokens: windows of `size` tokens, `overlap` shared, cut at token boundaries."""
+    enc = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    offsets = [(start + a, start + b) for a, b in enc["offset_mapping"] if b > a]
+    out, i = [], 0
+    while True:
+        n = size
+        # a window that starts inside a word re-tokenizes to a token or two more on its own: trim it
+        while n > 1 and _count(tokenizer, text[offsets[i][0] : offsets[min(i + n, len(offsets)) - 1][1]]) > size:
+            n -= 1
+        window = offsets[i : i + n]
+        out.append((window[0][0], window[-1][1], _count(tokenizer, text[window[0][0] : window[-1][1]])))
+        if i + n >= len(offsets):
+            return out
+        i += max(1, n - overlap)
 
 
 def chunk_text(text: str, tokenizer: Any, size: int, overlap: int) -> list[str]:
-    """Windows of `size` tokens, `overlap` tokens shared between neighbours, cut at token boundaries.
+    """Chunks of at most `size` tokens on paragraph / sentence boundaries; deterministic.
 
-    Chunk text is a slice of the original string (offsets from the fast tokenizer), so no
-    detokenization artefacts enter the index.
+    Chunk text is a slice of the original string, so no detokenization artefacts enter the index.
+    Units are joined by whitespace, and WordPiece splits on whitespace first, so a chunk's token
+    count is the sum of its units' counts. `overlap` applies only inside an overlong sentence.
     """
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    offsets = [o for o in enc["offset_mapping"] if o[1] > o[0]]
-    if not offsets:
-        return [text.strip()] if text.strip() else []
-    chunks = []
-    step = size - overlap
-    for start in range(0, len(offsets), step):
-        window = offsets[start : start + size]
-        piece = text[window[0][0] : window[-1][1]].strip()
-        if piece:
-            chunks.append(piece)
-        if start + size >= len(offsets):
-            break
+    chunks: list[str] = []
+    first = last = None
+    tokens = 0
+    for start, end, n in _units(text, tokenizer, size, overlap):
+        if first is not None and tokens + n > size:
+            chunks.append(text[first:last])
+            first, tokens = None, 0
+        first = start if first is None else first
+        last, tokens = end, tokens + n
+        if _ends_chunk(text[start:end]):
+            chunks.append(text[first:last])
+            first, tokens = None, 0
+    if first is not None:
+        chunks.append(text[first:last])
     return chunks

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -99,9 +99,12 @@ class IndexReport:
 
 
 def chunk_rows(doc: Document, chunks: list[str], model_id: str) -> list[dict[str, Any]]:
+    """The rows of a doc's chunks. The id hashes a chunk's repeat number among identical texts in the doc,
+    not its position: a chunk an edit did not touch keeps its id (and vector) when chunks before it come or go."""
+    seen: Counter[str] = Counter()
     return [
         {
-            "chunk_id": chunk_id(doc.doc_id, i, text, model_id),
+            "chunk_id": chunk_id(doc.doc_id, _repeat(seen, text), text, model_id),
             "doc_id": doc.doc_id,
             "doc_version": doc.version,
             "doc_chunks": len(chunks),
@@ -111,6 +114,11 @@ def chunk_rows(doc: Document, chunks: list[str], model_id: str) -> list[dict[str
         }
         for i, text in enumerate(chunks)
     ]
+
+
+def _repeat(seen: Counter[str], text: str) -> int:
+    seen[text] += 1
+    return seen[text] - 1
 
 
 def plan_sync(

@@ -107,11 +107,13 @@ def expected_rows(root: Path, cfg: TunedexConfig) -> set[tuple[str, str, str]]:
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.embedding.model))
     docs, _ = load_documents(root, cfg.corpus)
-    return {
-        (chunk_id(d.doc_id, i, text, cfg.embedding.model), d.doc_id, d.version)
-        for d in docs
-        for i, text in enumerate(chunk_text(d.text, tok, cfg.chunking.chunk_size, cfg.chunking.chunk_overlap))
-    }
+    out = set()
+    for d in docs:
+        chunks = chunk_text(d.text, tok, cfg.chunking.chunk_size, cfg.chunking.chunk_overlap)
+        # the id hashes a chunk's repeat number among identical texts of its doc, not its position
+        out |= {(chunk_id(d.doc_id, chunks[:i].count(t), t, cfg.embedding.model), d.doc_id, d.version)
+                for i, t in enumerate(chunks)}
+    return out
 
 
 def stored_rows(client: Any, name: str, fields: list[str] | None = None) -> list[tuple]:
