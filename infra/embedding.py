@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunedex.infra.config import EmbeddingConfig
+
+log = logging.getLogger(__name__)
 
 PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 
@@ -20,6 +26,8 @@ class Embedder:
     model_id: str  # the configured name: part of every chunk id
     model: Any  # sentence_transformers.SentenceTransformer
     batch_size: int
+    session: Any = None  # onnxruntime.InferenceSession of the model's transformer, when backend is onnx
+    truncated: int = 0  # inputs so far that were over max_tokens and embedded from their first max_tokens only
 
     @property
     def dim(self) -> int:
@@ -36,12 +44,42 @@ class Embedder:
         return int(self.model.max_seq_length) - 2
 
     def embed(self, texts: list[str]) -> list[list[float]]:
+        """Unit vectors, one per text. A text over `max_tokens` is embedded from its start (as sentence-transformers
+        does), counted in `truncated` and logged: the chunker is meant to keep every chunk within the limit."""
         if not texts:
             return []
-        vectors = self.model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-        )
+        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        over = sum(len(x) > self.max_tokens + 2 for x in ids)
+        if over:
+            self.truncated += over
+            log.warning("%d of %d texts are over the embedding model's %d-token limit and were truncated", over, len(texts), self.max_tokens)
+        if self.session is None:
+            vectors = self.model.encode(
+                texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            )
+        else:
+            vectors = self._embed_onnx(ids)
         return vectors.tolist()
+
+    def _embed_onnx(self, ids: list[list[int]]) -> Any:
+        import numpy as np
+
+        limit = self.max_tokens + 2
+        ids = [x if len(x) <= limit else x[: limit - 1] + x[-1:] for x in ids]  # keep the closing special token
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        order = np.argsort([len(x) for x in ids], kind="stable")  # batches of similar length: little padding
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = max(len(ids[r]) for r in rows)
+            input_ids = np.zeros((len(rows), width), dtype=np.int64)
+            mask = np.zeros_like(input_ids)
+            for i, r in enumerate(rows):
+                input_ids[i, : len(ids[r])] = ids[r]
+                mask[i, : len(ids[r])] = 1
+            hidden = self.session.run(None, {"input_ids": input_ids, "attention_mask": mask})[0]
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)  # mean pooling, as the model's Pooling
+            out[rows] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return out
 
 
 def resolve_model_path(name: str) -> str:
@@ -92,4 +130,62 @@ def load_embedder(cfg: EmbeddingConfig) -> Embedder:
         model = SentenceTransformer(path, device=cfg.device, trust_remote_code=False)
     except Exception as exc:
         raise EmbeddingModelError(_cannot_load(cfg, exc)) from exc
-    return Embedder(model_id=cfg.model, model=model, batch_size=cfg.batch_size)
+    embedder = Embedder(model_id=cfg.model, model=model, batch_size=cfg.batch_size)
+    if cfg.backend == "onnx" and cfg.device == "cpu" and _is_mean_pooled_transformer(model):
+        embedder.session = _onnx_session(model, path)
+    return embedder
+
+
+def _is_mean_pooled_transformer(model: Any) -> bool:
+    """The one layout the onnx path reproduces: transformer -> mean pooling -> (normalize)."""
+    names = [type(m).__name__ for m in model]
+    pooling = model[1].get_config_dict() if len(names) > 1 else {}
+    return names[:2] == ["Transformer", "Pooling"] and set(names[2:]) <= {"Normalize"} and pooling.get("pooling_mode") == "mean"
+
+
+def _onnx_session(model: Any, path: str) -> Any:
+    import onnxruntime
+    import torch
+
+    onnx_path = _onnx_export(model, path)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the CPUs torch would use (Ray sets them per replica)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep: cores are shared
+    return onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_export(model: Any, path: str) -> Path:
+    """The model's transformer as ONNX (last hidden state), exported once from the local weights and cached beside
+    the model, or in the temp dir where the model's dir is read-only."""
+    import hashlib
+
+    import torch
+
+    base = Path(path) if Path(path).is_dir() else Path(tempfile.gettempdir())
+    if not os.access(base, os.W_OK):
+        base = Path(tempfile.gettempdir())
+    key = hashlib.sha256(f"{Path(path).resolve()}|{torch.__version__}".encode()).hexdigest()[:12]
+    target = base / "onnx" / f"model-{key}.onnx"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    transformer = model[0].auto_model.eval()
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    sample = model.tokenizer(["an example", "a longer example sentence"], padding=True, return_tensors="pt")
+    axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}, "hidden": {0: "batch", 1: "tokens"}}
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")  # concurrent replicas: each writes its own file, the rename is atomic
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shapes the dynamic axes cover
+        torch.onnx.export(LastHidden(), (sample["input_ids"], sample["attention_mask"]), str(tmp), dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["hidden"], dynamic_axes=axes,
+                          opset_version=17)
+    os.replace(tmp, target)
+    return target
