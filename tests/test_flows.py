@@ -106,10 +106,20 @@ def test_bad_input_fails_once_and_a_transient_outage_is_retried(flows_setup, tmp
         [str(Path(sys.executable).parent / "tunedex"), "flows", "run", "nightly-reembed", "-c", path,
          "--set", f"milvus.uri={down_cfg.milvus.uri}"], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
+    # start Milvus once the first attempt has failed (Prefect logs "Retry 1/N"), not after a fixed sleep:
+    # the task reaches Milvus only after the embedder loads, which takes longer on a busy machine
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(late.stderr), daemon=True)
+    reader.start()
     try:
-        time.sleep(4)
+        deadline = time.monotonic() + 240
+        while not any("Retry 1/" in line for line in lines) and late.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
         services.start_milvus(down_cfg)
-        out, err = late.communicate(timeout=300)
+        out = late.stdout.read()
+        late.wait(timeout=300)
+        reader.join(timeout=10)
+        err = "".join(lines)
     finally:
         services.stop_milvus(down_cfg)
     assert late.returncode == 0, err[-3000:]
