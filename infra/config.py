@@ -237,8 +237,11 @@ class ServeConfig(Section):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     max_header_bytes: int = Field(16_384, ge=1024, description="larger request headers (all fields) get 431")
     max_prompt_chars: int = Field(16_000, ge=100, description="longer chat prompts (all messages) get 422")
-    max_batch_size: int = Field(16, ge=1, le=256, description="concurrent generations gathered into one batch")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5, description="how long a batch waits to fill")
+    max_batch_size: int = Field(16, ge=1, le=256, description=(
+        "sequences the engine generates at once (vLLM max_num_seqs); the Generator takes twice as many requests"))
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "vLLM engine arguments passed through verbatim (AsyncEngineArgs, as Ray Serve LLM's engine_kwargs): "
+        "gpu_memory_utilization, max_model_len, kv_cache_memory_bytes, tensor_parallel_size, ..."))
     serve_base_model: bool = Field(False, description="also load the release's base model, for `mode: rag`")
     system_prompt: str | None = Field(None, max_length=20_000, description=(
         "the assistant's instructions (default: tunedex's own); answers that repeat them are withheld"))

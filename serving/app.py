@@ -2,8 +2,8 @@
 
 Two kinds of Ray Serve application:
 - one application per loaded release, named by its release id (`build_release_app`): `Retriever`
-  (embedder + Milvus hybrid search on the release's collection), `Generator` (the release's model,
-  `@serve.batch`-ed), `BaseGenerator` (the base model, only with `serve.serve_base_model`) and `Release`,
+  (embedder + Milvus hybrid search on the release's collection), `Generator` (the release's model on
+  vLLM, `engine.py`), `BaseGenerator` (the base model, only with `serve.serve_base_model`) and `Release`,
   which answers a question end to end with that release only;
 - `tunedex` (`build_app`): the `Ingress` with the HTTP routes (OpenAI-compatible, /v1/query, probes).
 
@@ -34,6 +34,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from tunedex.infra.config import TunedexConfig, load_config
+from tunedex.serving.engine import Generator, check_engine_kwargs
 from tunedex.serving.generation import Prompt, Sampling
 from tunedex.serving.prompt import (SYSTEM_PROMPT, GuardedStream, build_chat_messages, build_messages, guard_answer,
                                     source_entries, text_prompt)
@@ -315,48 +316,6 @@ class Retriever:
             return RequestProblem(422, f"filters {filters!r} is not a valid Milvus expression: {first}").as_dict()
 
 
-@serve.deployment(name="Generator")
-class Generator:
-    """One model; concurrent `generate` calls are gathered into batches (`serve.max_batch_size`)."""
-
-    def __init__(self, model_path: str, max_new_tokens: int, max_batch_size: int, batch_wait_timeout_s: float):
-        from tunedex.serving.generation import load_generator
-
-        self.model, self.tokenizer = load_generator(model_path)
-        self.max_new_tokens = max_new_tokens
-        self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def generate(self, prompts: list[Prompt], samplings: list[Sampling]) -> list[str]:
-        from tunedex.serving.generation import generate_batch
-
-        return await asyncio.to_thread(generate_batch, self.model, self.tokenizer, prompts, samplings,
-                                       self.max_new_tokens)
-
-    async def stream(self, prompt: Prompt, sampling: Sampling):
-        """Text pieces as the model produces them (call through a handle with `stream=True`)."""
-        import threading
-
-        import torch
-        from transformers import TextIteratorStreamer
-
-        from tunedex.serving.generation import stream_kwargs
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = stream_kwargs(self.model, self.tokenizer, prompt, sampling, self.max_new_tokens)
-
-        def run() -> None:
-            with torch.no_grad():
-                self.model.generate(**kwargs, streamer=streamer)
-
-        threading.Thread(target=run, daemon=True).start()
-        pieces = iter(streamer)
-        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-            if piece:
-                yield piece
-
-
 class RequestProblem(Exception):
     """A request this release cannot answer as asked (bad filter, a mode without its model: 4xx) or not now
     (the model's queue is full: Serve's backpressure status, 503 or 429, with its Retry-After)."""
@@ -636,7 +595,8 @@ def build_release_app(args: ReleaseArgs) -> serve.Application:
     check_model_dir(Path(release.model_path))
     config_args = ServeArgs(config=str(Path(args.config).resolve()), overrides=args.overrides)
     s = cfg.serve
-    gen_args = (s.max_new_tokens, s.max_batch_size, s.batch_wait_timeout_s)
+    check_engine_kwargs(s.engine_kwargs)
+    gen_args = (s.max_new_tokens, {"max_num_seqs": s.max_batch_size, **s.engine_kwargs})
     gen_defaults = {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 2 * s.max_batch_size}
     generator = Generator.options(**deployment_options(cfg, "Generator", **gen_defaults)).bind(release.model_path, *gen_args)
     base = None

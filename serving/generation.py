@@ -1,9 +1,8 @@
-"""Text generation with a release's model: one prompt, a batch of prompts, or a token stream.
+"""Prompts and sampling shared by both generation paths, and in-process Hugging Face generation.
 
-Plain functions over a (model, tokenizer) pair, so they run and are tested without Ray Serve; the
-`Generator` deployment in `app.py` wraps them (`@serve.batch` gathers concurrent requests into one call).
-A prompt is either chat messages (rendered with the model's chat template, as training rendered them)
-or raw text (for `/v1/completions`).
+The endpoint generates on vLLM (`engine.py`); the evaluation worker (`workers/evaluate.py`) generates here,
+in its own process with `transformers`, on a batch of prompts. A prompt is either chat messages (rendered
+with the model's chat template, as training rendered them) or raw text (for `/v1/completions`).
 """
 
 from __future__ import annotations
@@ -109,13 +108,3 @@ def _generate_group(model: Any, tokenizer: Any, prompts: list[Prompt], samplings
                              **sampling_kwargs(samplings[0]))
     return [tokenizer.decode(out[row, width:width + room], skip_special_tokens=True).strip()
             for row, room in enumerate(rooms)]
-
-
-def stream_kwargs(model: Any, tokenizer: Any, prompt: Prompt, sampling: Sampling, default_max: int) -> dict[str, Any]:
-    """`generate` arguments for one streamed prompt (the streamer is added by the caller)."""
-    import torch
-
-    room = room_for(model, sampling, default_max)
-    ids = torch.tensor([prompt_ids(tokenizer, prompt, context_length(model), room)], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": room,
-            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, **sampling_kwargs(sampling)}

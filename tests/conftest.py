@@ -27,7 +27,7 @@ def write_config(path: Path, data_dir: Path, **sections: dict) -> Path:
     raw["milvus"]["uri"] = f"http://127.0.0.1:{free_port()}"
     raw["ray"].update(address=f"127.0.0.1:{free_port()}", dashboard_port=free_port(), client_server_port=free_port(),
                       metrics_export_port=free_port())
-    raw["serve"].update(port=free_port(), api_key="test-key-123")
+    raw["serve"].update(port=free_port(), api_key="test-key-123", engine_kwargs={"kv_cache_memory_bytes": 128 * 2**20})
     raw["corpus"]["path"] = None
     raw["finetune"].update(max_steps=30, logging_steps=10, train_file=None)
     for key, value in sections.items():

