@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -85,6 +86,7 @@ class TextEngine:
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_path, trust_remote_code=False, **args))
         self.context = self.engine.model_config.max_model_len
         self.max_new_tokens = max_new_tokens
+        self.aborted = 0  # requests whose caller left before the engine finished them
 
     def _request(self, prompt: Prompt, sampling: Sampling, final_only: bool) -> tuple[Any, Any, str]:
         from vllm.inputs import TokensPrompt
@@ -105,10 +107,17 @@ class TextEngine:
         return text.strip()
 
     async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
-        """Text pieces as the engine produces them; leaving the loop early aborts the request."""
-        async for out in self.engine.generate(*self._request(prompt, sampling, final_only=False)):
-            if out.outputs[0].text:
-                yield out.outputs[0].text
+        """Text pieces as the engine produces them; a caller that stops reading (or is cancelled) aborts the
+        request in the engine, which frees its KV blocks and its batch slot at the next step."""
+        finished = False
+        try:
+            async with aclosing(self.engine.generate(*self._request(prompt, sampling, final_only=False))) as outs:
+                async for out in outs:
+                    finished = out.finished
+                    if out.outputs[0].text:
+                        yield out.outputs[0].text
+        finally:
+            self.aborted += not finished
 
     def unfinished(self) -> int:
         """Requests the engine still runs (0 once every caller got its answer or went away)."""
@@ -123,16 +132,27 @@ class Generator:
     """The release's model (or its base, as `BaseGenerator`) on vLLM; the engine batches concurrent requests."""
 
     def __init__(self, model_path: str, max_new_tokens: int, configured: dict[str, Any]):
+        from ray.serve import metrics
+
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # Ray already placed this replica
         self.engine = TextEngine(model_path, max_new_tokens, configured)
+        # Serve tags it with the application, i.e. the release id
+        self.aborted = metrics.Counter("tunedex_generation_aborted",
+                                       description="streamed generations aborted in the engine as their caller left")
 
     async def generate(self, prompt: Prompt, sampling: Sampling) -> str:
         return await self.engine.generate(prompt, sampling)
 
     async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
         """Call through a handle with `stream=True`; cancelling that call aborts the request in the engine."""
-        async for piece in self.engine.stream(prompt, sampling):
-            yield piece
+        finished = False
+        try:
+            async for piece in self.engine.stream(prompt, sampling):
+                yield piece
+            finished = True
+        finally:
+            if not finished:
+                self.aborted.inc()
 
     async def unfinished(self) -> int:
         return self.engine.unfinished()

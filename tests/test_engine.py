@@ -1,0 +1,103 @@
+"""The vLLM generation engine (serving/engine.py) on a tiny model built from a config: on its own, and behind
+the real endpoint, where a client that leaves mid-stream must abort its request in the engine."""
+
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import run_cli
+
+AUTH = {"Authorization": "Bearer test-key-123"}
+
+
+def long_context_model(path: Path) -> Path:
+    """Random weights, a 4096-token context: it rarely says EOS, so a long answer runs for seconds."""
+    from tunedex.infra.config import FinetuneConfig
+    from tunedex.workers import finetune as ft
+
+    texts = [json.dumps({"q": f"How much does product {i} cost?", "a": f"It costs {i} dollars."}) for i in range(200)]
+    tok = ft.train_tokenizer(texts, 300)
+    spec = ft.model_spec(FinetuneConfig(tiny={"architecture": "llama", "n_layer": 2, "n_embd": 64, "n_head": 2},
+                                        max_length=4096), tok)
+    ft.build_model(spec).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return long_context_model(tmp_path_factory.mktemp("long-context-model"))
+
+
+def test_engine_answers_truncates_batches_and_aborts_a_request_left_early(model_dir):
+    from tunedex.serving.engine import TextEngine, check_engine_kwargs
+    from tunedex.serving.generation import Sampling
+
+    async def scenario() -> None:
+        engine = TextEngine(str(model_dir), 1024, {"kv_cache_memory_bytes": 64 * 2**20})
+        try:
+            assert engine.context == 4096
+            question = [{"role": "user", "content": "How much does product 7 cost?"}]
+            capped = await engine.generate(question, Sampling(max_new_tokens=5))
+            assert 0 < len(engine.tokenizer(capped, add_special_tokens=False)["input_ids"]) <= 5
+
+            # a prompt far over the context keeps its end and is answered, not refused
+            huge = [{"role": "user", "content": "product cost dollars " * 3000 + "How much?"}]
+            assert isinstance(await engine.generate(huge, Sampling(max_new_tokens=4)), str)
+
+            answers = await asyncio.gather(*(engine.generate([{"role": "user", "content": f"Product {i}?"}],
+                                                             Sampling(max_new_tokens=8)) for i in range(16)))
+            assert len(answers) == 16 and all(isinstance(a, str) for a in answers)
+
+            pieces = []
+            async for piece in engine.stream(question, Sampling(max_new_tokens=1000, temperature=1.0)):
+                pieces.append(piece)
+                if len(pieces) == 3:
+                    break  # the caller leaves after three pieces of a 1000-token answer
+            for _ in range(100):
+                if engine.unfinished() == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert engine.aborted == 1 and engine.unfinished() == 0  # finished requests were not counted
+        finally:
+            engine.shutdown()
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError, match="max_num_batched"):
+        check_engine_kwargs({"max_num_batched": 4})
+    with pytest.raises(ValueError, match="promoted release"):
+        check_engine_kwargs({"model": "x"})
+
+
+@pytest.mark.slow
+def test_a_client_leaving_mid_stream_aborts_its_request_in_the_engine(pipeline, model_dir):
+    cfg, path, cwd = pipeline["cfg"], str(pipeline["path"]), pipeline["cwd"]
+    url = cfg.serve.url
+    before = httpx.get(f"{url}/readyz", timeout=10).json()["release_id"]
+    out = run_cli("promote", "--model", str(model_dir), "-c", path, "--set", "serve.max_new_tokens=1000", cwd=cwd).stdout
+    release = re.search(r"promoted (rel-\S+):", out).group(1)
+    try:
+        with httpx.Client(timeout=60) as http:
+            for _ in range(2):
+                with http.stream("POST", f"{url}/v1/chat/completions", headers=AUTH, json={
+                        "stream": True, "max_tokens": 1000, "temperature": 1.0,
+                        "messages": [{"role": "user", "content": "Tell me everything about product 7"}]}) as resp:
+                    assert resp.status_code == 200
+                    lines = resp.iter_lines()
+                    assert next(lines).startswith("data: ")  # the head (sources), then the first text
+                    assert next(l for l in lines if l.startswith("data: "))
+                    # the client goes away ~2 pieces into a 1000-token answer
+        wanted = rf'ray_tunedex_generation_aborted_total\{{[^}}]*application="{release}"[^}}]*\}} ([0-9.e+]+)'
+        deadline, aborted = time.monotonic() + 60, 0
+        while aborted < 2 and time.monotonic() < deadline:  # Ray exports metrics every few seconds
+            text = httpx.get(f"http://127.0.0.1:{cfg.ray.metrics_export_port}/metrics", timeout=10).text
+            aborted = sum(int(float(n)) for n in re.findall(wanted, text))
+            time.sleep(1)
+        assert aborted == 2, f"engine aborts recorded for {release}: {aborted}"
+    finally:
+        run_cli("promote", before, "-c", path, cwd=cwd)
