@@ -1,7 +1,7 @@
 """Serving pieces without a cluster: the prompt format and the key check."""
 
 from tunedex.demo_data import training_examples, make_policies
-from tunedex.serving.app import authorized
+from tunedex.serving.http import authorized
 from tunedex.serving.prompt import SYSTEM_PROMPT, build_messages
 from tunedex.demo_data import SYSTEM_PROMPT as TRAINING_SYSTEM_PROMPT
 
@@ -22,29 +22,6 @@ def test_serving_prompt_matches_the_training_format():
     assert msgs[1] == {"role": "user", "content": '<document 1 nonce="n0nce">\nfirst chunk\n</document 1 nonce="n0nce">\n'
                                                   '<document 2 nonce="n0nce">\nsecond chunk\n</document 2 nonce="n0nce">\n'
                                                   "Question: q?"}
-
-
-def test_requests_refused_before_routing_are_labelled_by_their_route():
-    from fastapi.testclient import TestClient
-
-    from tunedex.serving.app import api, route_label
-
-    api.state.api_key = "k3y"
-    labels: list[str] = []
-
-    @api.middleware("http")
-    async def spy(request, call_next):
-        response = await call_next(request)
-        labels.append(route_label(request))
-        return response
-
-    client = TestClient(api)
-    statuses = [client.post("/v1/query", json={}).status_code, client.get("/no/such/route").status_code,
-                client.get("/openapi.json").status_code]
-    api.user_middleware.pop(0)  # the spy; the app's middleware stack is rebuilt on the next start
-    api.middleware_stack = None
-    assert statuses == [401, 401, 401]  # the key is checked before routing, on every route
-    assert labels == ["/v1/query", "unmatched", "/openapi.json"]  # a bounded label set
 
 
 def test_batched_generation_gives_each_prompt_what_it_gets_alone():

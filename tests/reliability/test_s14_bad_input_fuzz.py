@@ -1,4 +1,5 @@
-"""S14: request limits and bad inputs get clear 4xx errors, never a 5xx, and the endpoint keeps serving."""
+"""S14: request limits and bad inputs get clear 4xx errors (OpenAI-style JSON), never a 5xx, and the endpoint keeps
+serving. The same bodies are checked without Ray in tests/test_http_units.py."""
 
 import json
 import socket
@@ -10,8 +11,8 @@ import pytest
 from conftest import ray_rss_mb
 
 pytestmark = [pytest.mark.slow, pytest.mark.scenario(
-    "S14", "34 malformed, oversized and out-of-range requests sent once each (50 MB upload, 1,000 headers, "
-           "JSON nested 10k deep, sampling parameters out of range...)")]
+    "S14", "42 malformed, oversized and out-of-range requests sent once each (50 MB upload, 1,000 headers, "
+           "JSON nested 10k deep, lone surrogates, invalid UTF-8, NUL bytes, sampling parameters out of range...)")]
 
 AUTH = {"Authorization": "Bearer test-key-123"}
 CHAT = {"messages": [{"role": "user", "content": "When is shipping free?"}], "max_tokens": 4}
@@ -70,12 +71,28 @@ def test_bad_requests_get_clear_4xx_and_nothing_breaks(pipeline, record_property
                                                                headers={**AUTH, "x-big": "a" * 20_000})),
         ("non-UTF-8 body", lambda: http.post(f"{url}/v1/query", content=b'{"question": "\xff\xfe\xfa"}',
                                               headers={**AUTH, "Content-Type": "application/json"})),
+        ("non-UTF-8 chat body", lambda: http.post(f"{url}/v1/chat/completions", content=b'{"messages": "\xc3\x28"}',
+                                                   headers={**AUTH, "Content-Type": "application/json"})),
+        ("lone surrogate in a JSON escape", lambda: http.post(f"{url}/v1/chat/completions", headers={
+            **AUTH, "Content-Type": "application/json"},
+            content=b'{"model":"tunedex","messages":[{"role":"user","content":"\\ud800"}]}')),
+        ("reversed surrogate pair in a question", lambda: http.post(f"{url}/v1/query", content=b'{"question": "\\udc00\\ud800"}',
+                                                                    headers={**AUTH, "Content-Type": "application/json"})),
+        ("a raw NUL byte in a string", lambda: http.post(f"{url}/v1/query", content=b'{"question": "a\x00b"}',
+                                                          headers={**AUTH, "Content-Type": "application/json"})),
+        ("an escaped NUL in a message", lambda: http.post(f"{url}/v1/chat/completions", headers=AUTH,
+                                                           json=chat(messages=[{"role": "user", "content": "hi\u0000"}]))),
         ("JSON nested 10k deep", lambda: http.post(f"{url}/v1/chat/completions", content=nested.encode(),
                                                     headers={**AUTH, "Content-Type": "application/json"})),
         ("invalid JSON", lambda: http.post(f"{url}/v1/query", content=b'{"question": ',
                                             headers={**AUTH, "Content-Type": "application/json"})),
         ("empty body", lambda: http.post(f"{url}/v1/query", content=b"", headers={**AUTH, "Content-Type": "application/json"})),
         ("a JSON list, not an object", lambda: http.post(f"{url}/v1/query", json=[1, 2], headers=AUTH)),
+        ("a JSON string, not an object", lambda: http.post(f"{url}/v1/chat/completions", json="hi", headers=AUTH)),
+        ("an unknown field on /v1/query", lambda: http.post(f"{url}/v1/query", headers=AUTH,
+                                                             json={"question": "q", "mode": "retrieve", "shell": "ls"})),
+        ("an unknown field in a message", lambda: http.post(f"{url}/v1/chat/completions", headers=AUTH, json=chat(
+            messages=[{"role": "user", "content": "hi", "name": {"x": 1}}]))),
         ("wrong content type", lambda: http.post(f"{url}/v1/query", content=b"question=hi",
                                                   headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"})),
         ("100k messages", lambda: http.post(f"{url}/v1/chat/completions", headers=AUTH,
@@ -130,7 +147,9 @@ def test_bad_requests_get_clear_4xx_and_nothing_breaks(pipeline, record_property
             parsed = json.loads(body)
         except ValueError:
             parsed = None
-        clear = isinstance(parsed, dict) and ("error" in parsed or "detail" in parsed) or name in HTTP_SERVER_ANSWERS
+        error = parsed.get("error") if isinstance(parsed, dict) else None  # OpenAI's shape, on every route
+        clear = isinstance(error, dict) and set(error) == {"message", "type", "param", "code"} and error["message"] \
+            or name in HTTP_SERVER_ANSWERS
         if not (400 <= status < 500 and clear and b"Traceback" not in body):
             bad.append((name, status, body[:200]))
     assert not bad, bad
@@ -145,7 +164,7 @@ def test_bad_requests_get_clear_4xx_and_nothing_breaks(pipeline, record_property
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
     ok = http.post(f"{url}/v1/chat/completions", json=chat(max_tokens=10**9), headers=AUTH, timeout=120)
     assert ok.status_code == 200  # max_tokens is capped at serve.max_new_tokens (documented), then it serves
-    record_property("held", f"{len(outcomes)} bad requests: all 4xx with a JSON error, 0 x 5xx, no traceback "
+    record_property("held", f"{len(outcomes)} bad requests: all 4xx with an OpenAI-style JSON error, 0 x 5xx, no traceback "
                             f"(413 x{list(statuses.values()).count(413)}, 431 x{list(statuses.values()).count(431)}, "
                             f"422 x{list(statuses.values()).count(422)}); across a 50 MB upload the Ingress replica grew "
                             f"{rss_growth:.1f} MB, Ray's proxy {proxy_growth:.1f} MB (it queues bodies ahead of the app); "
