@@ -1,4 +1,4 @@
-"""The Milvus store: schema, writes, the ledger read, hybrid search.
+"""The Milvus store: schema, writes, the ledger reads, hybrid search.
 
 Everything reaches Milvus through `milvus.uri`, so the local Milvus Lite server and a
 Milvus cluster are one code path. Writes are upserts only (a server's plain insert with
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import grpc
 from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, RRFRanker, WeightedRanker
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT = 65_535
 LEDGER_FIELDS = ["chunk_id", "doc_id", "doc_version", "doc_chunks"]
+LEDGER_PAGE = 5000  # rows per query_iterator page when reading the ledger
 
 
 class StoreUnavailable(RuntimeError):
@@ -113,9 +114,11 @@ def delete_ids(client: MilvusClient, name: str, ids: list[str], batch: int = 100
     return len(ids)
 
 
-def iter_rows(client: MilvusClient, name: str, fields: list[str], batch: int = 2000) -> Iterator[dict[str, Any]]:
-    """Every row of the collection (Strong consistency), in pages."""
-    it = client.query_iterator(name, batch_size=batch, filter="", output_fields=fields, consistency_level="Strong")
+def iter_rows(
+    client: MilvusClient, name: str, fields: list[str], batch: int = 2000, filter: str = ""
+) -> Iterator[dict[str, Any]]:
+    """Every row of the collection that matches `filter` (Strong consistency), in pages."""
+    it = client.query_iterator(name, batch_size=batch, filter=filter, output_fields=fields, consistency_level="Strong")
     try:
         while page := it.next():
             yield from page
@@ -123,12 +126,71 @@ def iter_rows(client: MilvusClient, name: str, fields: list[str], batch: int = 2
         it.close()
 
 
-def read_ledger(client: MilvusClient, name: str) -> dict[str, tuple[str, str, int]]:
-    """chunk_id -> (doc_id, doc_version, doc_chunks), read back from the collection itself."""
-    return {
-        r["chunk_id"]: (r["doc_id"], r["doc_version"], int(r["doc_chunks"]))
-        for r in iter_rows(client, name, LEDGER_FIELDS)
-    }
+class DocState(NamedTuple):
+    """What the ledger says of one doc, summed over its rows: one small tuple per doc, not one per chunk."""
+
+    version: str | None  # the version all its rows carry; None when they disagree on version or doc_chunks
+    chunks: int  # doc_chunks of its rows (of the first one read, when they disagree)
+    rows: int
+
+    def is_current(self, version: str) -> bool:
+        """Its rows are exactly one whole index of `version`: nothing to embed, re-tag or delete."""
+        return self.version == version and self.chunks == self.rows
+
+
+def doc_states(rows: Iterable[dict[str, Any]]) -> dict[str, DocState]:
+    """doc_id -> DocState from ledger rows, folded as they stream by."""
+    states: dict[str, DocState] = {}
+    for r in rows:
+        doc_id, version, n = r["doc_id"], r["doc_version"], int(r["doc_chunks"])
+        s = states.get(doc_id)
+        if s is None:
+            states[doc_id] = DocState(version, n, 1)
+        else:
+            same = s.version == version and s.chunks == n
+            states[doc_id] = DocState(s.version if same else None, s.chunks, s.rows + 1)
+    return states
+
+
+def read_doc_states(client: MilvusClient, name: str) -> dict[str, DocState]:
+    """The ledger, per document: streamed from the collection with `query_iterator`, chunk ids not kept."""
+    return doc_states(iter_rows(client, name, ["doc_id", "doc_version", "doc_chunks"], batch=LEDGER_PAGE))
+
+
+def chunks_by_doc(rows: Iterable[dict[str, Any]], doc_ids: Iterable[str]) -> dict[str, dict[str, tuple[str, int]]]:
+    """doc_id -> {chunk_id: (doc_version, doc_chunks)} for the docs in `doc_ids` (others' rows are skipped)."""
+    out: dict[str, dict[str, tuple[str, int]]] = {d: {} for d in doc_ids}
+    for r in rows:
+        if r["doc_id"] in out:
+            out[r["doc_id"]][r["chunk_id"]] = (r["doc_version"], int(r["doc_chunks"]))
+    return out
+
+
+def read_doc_chunks(
+    client: MilvusClient, name: str, states: dict[str, DocState], doc_ids: list[str], batch: int = 200
+) -> dict[str, dict[str, tuple[str, int]]]:
+    """The stored chunks of `doc_ids` only, by `doc_id in [...]` queries of `batch` docs.
+
+    A doc whose rows came back fewer than its state counts (an id the expression cannot spell: control
+    characters are not matched by milvus-lite 2.5 nor parsed by Milvus Lite 3) is read again by a full
+    scan, so a plan never misses a stored chunk it must replace or delete.
+    """
+    out: dict[str, dict[str, tuple[str, int]]] = {}
+    spellable = [d for d in doc_ids if d.isprintable()]
+    for start in range(0, len(spellable), batch):
+        ids = spellable[start : start + batch]
+        expr = "doc_id in [" + ", ".join(_string_literal(d) for d in ids) + "]"
+        out.update(chunks_by_doc(iter_rows(client, name, LEDGER_FIELDS, LEDGER_PAGE, expr), ids))
+    short = [d for d in doc_ids if len(out.get(d, ())) < states[d].rows]
+    if short:
+        log.info("reading the chunks of %d docs by a full scan (ids a filter cannot spell)", len(short))
+        out.update(chunks_by_doc(iter_rows(client, name, LEDGER_FIELDS, LEDGER_PAGE), short))
+    return out
+
+
+def _string_literal(text: str) -> str:
+    """A double-quoted Milvus expression string (printable text: both embedded engines read these two escapes)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def fetch_vectors(client: MilvusClient, name: str, ids: list[str], batch: int = 500) -> dict[str, list[float]]:

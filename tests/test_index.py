@@ -115,3 +115,25 @@ def test_model_change_builds_a_new_collection_moves_the_live_pointer_and_retires
     client.close()
     # live (d) + the newest before it (c), and the first because a release names it; b is retired
     assert remaining >= {names[0], names[2], names[3]} and names[1] not in remaining
+
+
+def test_ledger_is_read_per_doc_and_chunk_ids_only_for_the_docs_named(cfg):
+    """On the real engine: per-doc states from query_iterator, and `doc_id in [...]` reads of the named docs,
+    ids with quotes, backslashes and non-ASCII included; ids no filter can spell (control characters) fall back
+    to a scan."""
+    ids = ["plain.md", 'say "hi".md', "back\\slash\\n.md", "it's [1], ok.md", "ü/😀.md", "tab\there.md", "nl\nx.md"]
+    rows = [{"chunk_id": f"c{i}-{j}", "doc_id": d, "doc_version": f"v{i}", "doc_chunks": 2, "chunk_index": j,
+             "text": f"chunk {j} of {d}", "metadata": {}, "dense": [1.0, 0.5, 0.0, 0.25]}
+            for i, d in enumerate(ids) for j in range(2)]
+    client = store.connect(cfg.milvus)
+    try:
+        name = store.collection_name(cfg.milvus, "ledger")
+        store.ensure_collection(client, cfg.milvus, name, 4)
+        store.upsert_rows(client, name, rows)
+        states = store.read_doc_states(client, name)
+        assert states == {d: (f"v{i}", 2, 2) for i, d in enumerate(ids)}
+        chunks = store.read_doc_chunks(client, name, states, ids[1:], batch=2)
+        assert chunks == {d: {f"c{i}-{j}": (f"v{i}", 2) for j in range(2)} for i, d in enumerate(ids) if i}
+        client.drop_collection(name)
+    finally:
+        client.close()

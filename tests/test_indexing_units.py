@@ -10,7 +10,8 @@ from tunedex.infra.config import CorpusConfig
 from tunedex.infra.embedding import resolve_model_path
 from tunedex.infra.ids import chunk_id, content_hash, slug
 from tunedex.workers.chunking import chunk_text
-from tunedex.workers.embed import chunk_rows, plan_sync
+from tunedex.infra import store
+from tunedex.workers.embed import chunk_rows, docs_to_read, plan_sync
 from tunedex.workers.sources import Document, load_documents
 
 
@@ -62,8 +63,14 @@ def _doc(doc_id, text):
     return Document(doc_id, content_hash(text), text)
 
 
-def _ledger(rows):
-    return {r["chunk_id"]: (r["doc_id"], r["doc_version"], r["doc_chunks"]) for r in rows}
+def _plan(docs, rows, keep=frozenset(), chunker=None, read=None):
+    """plan_sync over stored `rows` as index_corpus runs it: per-doc states, then the chunks of the docs it names.
+    `read` collects the doc ids whose chunks were read."""
+    states = store.doc_states(rows)
+    needed = docs_to_read(docs, states, set(keep))
+    if read is not None:
+        read.extend(needed)
+    return plan_sync(docs, states, set(keep), chunker or splitter, "m", store.chunks_by_doc(rows, needed))
 
 
 def splitter(text):
@@ -72,9 +79,11 @@ def splitter(text):
 
 def test_plan_skips_unchanged_embeds_only_changed_chunks_and_deletes_removed():
     a, b, c = _doc("a", "a1|a2|a3"), _doc("b", "b1"), _doc("c", "c1|c2")
-    ledger = _ledger(sum((chunk_rows(d, splitter(d.text), "m") for d in (a, b, c)), []))
+    rows = sum((chunk_rows(d, splitter(d.text), "m") for d in (a, b, c)), [])
     a2 = _doc("a", "a1|a2-new|a3")
-    plan = plan_sync([a2, b], ledger, set(), splitter, "m")
+    read = []
+    plan = _plan([a2, b], rows, read=read)
+    assert sorted(read) == ["a", "c"]  # b did not change: its chunk ids are not read
     assert (plan.docs_unchanged, plan.docs_changed, plan.docs_removed, plan.docs_added) == (1, 1, 1, 0)
     assert [r["text"] for r in plan.to_embed] == ["a2-new"]  # only the changed chunk is embedded
     assert sorted(r["text"] for r in plan.to_retag) == ["a1", "a3"]  # same text, new doc version: no model call
@@ -84,23 +93,88 @@ def test_plan_skips_unchanged_embeds_only_changed_chunks_and_deletes_removed():
 
 def test_plan_on_unchanged_corpus_touches_nothing_and_never_chunks():
     docs = [_doc("a", "x|y"), _doc("b", "z")]
-    ledger = _ledger(sum((chunk_rows(d, splitter(d.text), "m") for d in docs), []))
+    rows = sum((chunk_rows(d, splitter(d.text), "m") for d in docs), [])
 
     def must_not_chunk(text):
         raise AssertionError("unchanged docs must not be chunked")
 
-    plan = plan_sync(docs, ledger, set(), must_not_chunk, "m")
+    read = []
+    plan = _plan(docs, rows, chunker=must_not_chunk, read=read)
     assert plan.docs_unchanged == 2 and not plan.to_embed and not plan.to_retag and not plan.to_delete
+    assert read == []  # no chunk ids read for a no-op
 
 
 def test_plan_repairs_a_partially_written_doc_and_keeps_unreadable_docs():
     a = _doc("a", "a1|a2|a3")
     rows = chunk_rows(a, splitter(a.text), "m")
     keep = _doc("broken.md", "k1")
-    ledger = _ledger(rows[:1] + chunk_rows(keep, ["k1"], "m"))  # a run died after a's first chunk
-    plan = plan_sync([a], ledger, {"broken.md"}, splitter, "m")
+    # a run died after a's first chunk
+    plan = _plan([a], rows[:1] + chunk_rows(keep, ["k1"], "m"), keep={"broken.md"})
     assert [r["text"] for r in plan.to_embed] == ["a2", "a3"]
     assert plan.to_delete == []  # broken.md could not be read this run: its chunks stay
+
+
+def _plan_from_whole_ledger(docs, rows, keep):
+    """The plan as the planner made it before the ledger was read per doc: every stored chunk id of every doc,
+    compared in full (its rules, restated): the reference the per-doc read must agree with."""
+    stored = store.chunks_by_doc(rows, {r["doc_id"] for r in rows})
+    out = {"embed": set(), "retag": set(), "delete": set(), "unchanged": 0, "drifted": 0}
+    for doc in docs:
+        have = stored.get(doc.doc_id, {})
+        if {v for v, _ in have.values()} == {doc.version} and {n for _, n in have.values()} == {len(have)}:
+            out["unchanged"] += 1
+            continue
+        out["drifted"] += doc.version in {v for v, _ in have.values()}
+        new = chunk_rows(doc, splitter(doc.text), "m")
+        out["embed"] |= {r["chunk_id"] for r in new if r["chunk_id"] not in have}
+        out["retag"] |= {r["chunk_id"] for r in new if have.get(r["chunk_id"], (doc.version, r["doc_chunks"]))
+                         != (doc.version, r["doc_chunks"])}
+        out["delete"] |= set(have) - {r["chunk_id"] for r in new}
+    gone = {d for d in stored if d not in {doc.doc_id for doc in docs} | keep}
+    out["delete"] |= {cid for d in gone for cid in stored[d]}
+    return out
+
+
+def test_plan_from_per_doc_states_equals_the_whole_ledger_plan_and_reads_only_what_it_needs():
+    """A mix: unchanged, edited, new, removed, kept (unreadable), half-written, re-tagged by hand, and one doc
+    whose rows carry two versions; the plan equals the whole-ledger one and reads chunk ids of 5 docs of 9."""
+    old = {k: _doc(k, f"{k}1|{k}2|{k}3") for k in "abcdefgh"}
+    rows = sum((chunk_rows(d, splitter(d.text), "m") for d in old.values()), [])
+    rows = [r for r in rows if r["chunk_id"] != chunk_rows(old["f"], splitter(old["f"].text), "m")[2]["chunk_id"]]
+    rows = [dict(r, doc_chunks=9) if r["doc_id"] == "g" and r["chunk_index"] == 0 else r for r in rows]
+    h_edit = _doc("h", "h1|h2|h3-new")
+    rows += [r for r in chunk_rows(h_edit, splitter(h_edit.text), "m") if r["text"] == "h3-new"]  # a killed re-tag
+    corpus = [old["a"], old["b"], _doc("c", "c1|c2-new|c3"), _doc("new", "n1|n2"), old["f"], old["g"], h_edit]
+    keep = {"e"}  # its file could not be read this run; "d" is gone
+    read = []
+    plan = _plan(corpus, rows, keep=keep, read=read)
+    want = _plan_from_whole_ledger(corpus, rows, keep)
+    assert sorted(read) == ["c", "d", "f", "g", "h"]
+    assert {r["chunk_id"] for r in plan.to_embed} == want["embed"] and len(want["embed"]) == 4  # c2-new, n1, n2, f3
+    assert {r["chunk_id"] for r in plan.to_retag} == want["retag"] and len(want["retag"]) == 5  # c1, c3, g1, h1, h2
+    assert set(plan.to_delete) == want["delete"] and len(want["delete"]) == 5  # c2, d1-d3, h3
+    assert plan.docs_unchanged == want["unchanged"] == 2
+    # f, g, and h: a row of h's current version is stored, so its other rows count as drift (a killed run's)
+    assert plan.drift.docs == want["drifted"] == 3
+    assert (plan.docs_added, plan.docs_changed, plan.docs_removed) == (1, 1, 1)
+
+
+def test_plan_refuses_a_changed_doc_whose_stored_chunks_were_not_read():
+    a = _doc("a", "a1|a2")
+    states = store.doc_states(chunk_rows(a, splitter(a.text), "m"))
+    with pytest.raises(ValueError, match="stored chunks of a were not read"):
+        plan_sync([_doc("a", "a1|a2-new")], states, set(), splitter, "m", {})
+    with pytest.raises(ValueError, match="stored chunks of a were not read"):
+        plan_sync([], states, set(), splitter, "m", {})  # removed: its chunk ids are what gets deleted
+
+
+def test_doc_states_fold_rows_into_one_tuple_per_doc():
+    rows = [{"doc_id": "a", "doc_version": "v1", "doc_chunks": 2}] * 2 + [
+        {"doc_id": "b", "doc_version": "v1", "doc_chunks": 2}, {"doc_id": "b", "doc_version": "v2", "doc_chunks": 2},
+        {"doc_id": "c", "doc_version": "v1", "doc_chunks": 3}, {"doc_id": "c", "doc_version": "v1", "doc_chunks": 2}]
+    states = store.doc_states(rows)
+    assert states == {"a": ("v1", 2, 2), "b": (None, 2, 2), "c": (None, 3, 2)}
+    assert states["a"].is_current("v1") and not states["a"].is_current("v2") and not states["b"].is_current("v1")
 
 
 def test_sources_skip_bad_files_with_reasons(tmp_path: Path):

@@ -5,7 +5,9 @@ number of chunks that doc version has. We chose the collection over a separate m
 because a manifest can drift from the store (Milvus Lite can lose an acknowledged write on
 SIGKILL); rows read back with Strong consistency cannot disagree with themselves. Each run:
 
-1. reads the corpus and the ledger;
+1. reads the corpus and the ledger: streamed per doc (version, chunk count, rows), so a run over 1M
+   unchanged chunks holds one small tuple per doc; chunk ids are read only for docs that changed,
+   drifted or were removed, by filtered queries;
 2. plans: a doc whose rows all carry its current version, `doc_chunks` of them, is unchanged
    and is not even chunked; every other doc is chunked, and its chunk ids (deterministic) are
    compared with the stored ones. A doc whose rows already include its current version but are
@@ -121,33 +123,44 @@ def _repeat(seen: Counter[str], text: str) -> int:
     return seen[text] - 1
 
 
+def docs_to_read(docs: list[Document], states: dict[str, store.DocState], keep_doc_ids: set[str]) -> list[str]:
+    """The stored docs whose chunk rows the plan needs: changed or drifted (to compare chunk ids) and removed
+    (to delete them). An unchanged doc's chunk ids are never read."""
+    versions = {d.doc_id: d.version for d in docs}
+    return [
+        doc_id for doc_id, state in states.items()
+        if (doc_id in versions and not state.is_current(versions[doc_id]))
+        or (doc_id not in versions and doc_id not in keep_doc_ids)
+    ]
+
+
 def plan_sync(
     docs: list[Document],
-    ledger: dict[str, tuple[str, str, int]],
+    states: dict[str, store.DocState],
     keep_doc_ids: set[str],
     chunker: Callable[[str], list[str]],
     model_id: str,
+    stored_chunks: dict[str, dict[str, tuple[str, int]]] | None = None,
 ) -> SyncPlan:
-    """Compare the corpus with the stored rows. Pure: no model, no store.
+    """Compare the corpus with the ledger. Pure: no model, no store.
 
-    Doc ids must be unique (`load_documents` makes them so): a doc listed twice is refused here
-    rather than planned twice.
+    `states` is the ledger per doc (`store.read_doc_states`); `stored_chunks` holds chunk_id -> (doc_version,
+    doc_chunks) of exactly the docs `docs_to_read` names (`store.read_doc_chunks`). Doc ids must be unique
+    (`load_documents` makes them so): a doc listed twice is refused here rather than planned twice.
     """
-    stored_by_doc: dict[str, dict[str, tuple[str, int]]] = defaultdict(dict)
-    for cid, (doc_id, version, n) in ledger.items():
-        stored_by_doc[doc_id][cid] = (version, n)
+    stored_chunks = stored_chunks or {}
     plan = SyncPlan()
     seen: set[str] = set()
     for doc in docs:
         if doc.doc_id in seen:
             raise ValueError(f"document {doc.doc_id} is listed twice; each doc id must be planned once")
         seen.add(doc.doc_id)
-        stored = stored_by_doc.get(doc.doc_id, {})
-        versions = {v for v, _ in stored.values()}
-        counts = {n for _, n in stored.values()}
-        if versions == {doc.version} and counts == {len(stored)}:
+        state = states.get(doc.doc_id)
+        if state is not None and state.is_current(doc.version):
             plan.docs_unchanged += 1
             continue
+        stored = _read_chunks(stored_chunks, doc.doc_id, state)
+        versions = {v for v, _ in stored.values()}
         drifted = doc.version in versions  # indexed at this version before: the rows drifted, the doc did not change
         if drifted:
             plan.drift.docs += 1
@@ -168,12 +181,22 @@ def plan_sync(
         extra = [cid for cid in stored if cid not in expected]
         plan.to_delete.extend(extra)
         plan.drift.orphans += len(extra) if drifted else 0
-    current = {d.doc_id for d in docs} | keep_doc_ids
-    for doc_id, stored in stored_by_doc.items():
-        if doc_id not in current:
+    for doc_id, state in states.items():
+        if doc_id not in seen and doc_id not in keep_doc_ids:
             plan.docs_removed += 1
-            plan.to_delete.extend(stored)
+            plan.to_delete.extend(_read_chunks(stored_chunks, doc_id, state))
     return plan
+
+
+def _read_chunks(
+    stored_chunks: dict[str, dict[str, tuple[str, int]]], doc_id: str, state: store.DocState | None
+) -> dict[str, tuple[str, int]]:
+    if state is None:
+        return {}
+    if doc_id not in stored_chunks:  # planning without them would leave its old chunks behind for good
+        raise ValueError(f"the stored chunks of {doc_id} were not read; "
+                         "pass store.read_doc_chunks(..., docs_to_read(...)) as stored_chunks")
+    return stored_chunks[doc_id]
 
 
 def vector_batches(texts: dict[str, str], cfg: TunedexConfig) -> Iterator[dict[str, list[float]]]:
@@ -277,13 +300,15 @@ def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False, client: 
     exists = client.has_collection(name)
     if exists:
         client.load_collection(name)
-    ledger = store.read_ledger(client, name) if exists else {}
+    states = store.read_doc_states(client, name) if exists else {}
     loaded = {d.doc_id for d in docs}
     unreadable = [s for s in skipped if s.kind == "unreadable" and s.doc_id not in loaded]
     # A file that could not be read (wholly, or one JSONL line) keeps every document it had stored.
     failed_files = {s.source for s in unreadable}
-    keep = {doc_id for doc_id, *_ in ledger.values() if doc_id.split("#")[0] in failed_files}
-    plan = plan_sync(docs, ledger, keep, lambda t: chunk_text(t, tokenizer, size, overlap), cfg.embedding.model)
+    keep = {doc_id for doc_id in states if doc_id.split("#")[0] in failed_files}
+    needed = docs_to_read(docs, states, keep)
+    stored = store.read_doc_chunks(client, name, states, needed) if needed else {}
+    plan = plan_sync(docs, states, keep, lambda t: chunk_text(t, tokenizer, size, overlap), cfg.embedding.model, stored)
     if plan.drift:
         log.warning("the store drifted from the corpus in %d unchanged docs (missing %d, orphans %d, stale %d); "
                     "repairing", plan.drift.docs, plan.drift.missing, plan.drift.orphans, plan.drift.stale)
@@ -305,7 +330,8 @@ def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False, client: 
         chunks_embedded=written.embedded,
         chunks_retagged=written.retagged,
         chunks_deleted=written.deleted,
-        chunks_total=len(ledger) if dry_run or not client.has_collection(name) else store.count_rows(client, name),
+        chunks_total=sum(st.rows for st in states.values()) if dry_run or not client.has_collection(name)
+        else store.count_rows(client, name),
         seconds=round(time.monotonic() - started, 3),
         skipped=[asdict(s) for s in skipped],
         dry_run=dry_run,
