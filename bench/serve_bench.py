@@ -1,10 +1,13 @@
-"""Endpoint benchmark: batching, what retrieval adds to latency, and latency during a release swap, in one run.
+"""Endpoint benchmark: the engine, what Serve + HTTP + retrieval add, and latency during a release swap, in one run.
 
-    python bench/serve_bench.py                      # tiny GPT-2 (2 layers); all three phases
-    python bench/serve_bench.py --size small --phases overhead   # GPT-2-small shape (12 x 768, random weights)
+    python bench/serve_bench.py --size small                    # GPT-2-small shape (12 x 768, random weights)
+    python bench/serve_bench.py --phases engine,endpoint,ttft   # tiny GPT-2 (2 layers)
 
-Targets (issue 6): throughput at concurrency 16 with batching / without >= 3x; hybrid latency / generation-only
-latency with the same model and prompt <= 1.10x; p50/p95/p99 under a bounded load and during a release swap.
+Targets (issue 15): requests/s at concurrency 16, generation only: vLLM (`TextEngine`) / Hugging Face `generate`
+on the same 16 prompts in one left-padded batch (the best case of the former `@serve.batch` engine) >= 3x;
+our endpoint (`/v1/query`, mode finetuned) / `vllm.LLM.generate` in-process on the same prompts >= 0.8;
+time to first token p50 at concurrency 1 and 16; hybrid latency / generation-only latency with the same model
+and prompt <= 1.10x; p50/p95/p99 under a bounded load and during a release swap.
 It starts its own Milvus Lite server and Ray head on free ports with a temporary data dir, indexes the demo
 catalog, and builds a random-weight model of the chosen shape (there is no model hub here). Load is on
 localhost only and bounded in count. Writes bench/results/serve_bench.json.
@@ -35,13 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"tiny": {"n_layer": 2, "n_embd": 128, "n_head": 4}, "small": {"n_layer": 12, "n_embd": 768, "n_head": 12}}
 
 
-def write_config(root: Path) -> Path:
+def write_config(root: Path, new_tokens: int) -> Path:
     raw = yaml.safe_load((REPO / "configs/local.yaml").read_text())
     raw["data_dir"] = str(root / "data")
     raw["milvus"]["uri"] = f"http://127.0.0.1:{free_port()}"
     raw["ray"].update(address=f"127.0.0.1:{free_port()}", dashboard_port=free_port(), client_server_port=free_port(),
                       metrics_export_port=free_port())
-    raw["serve"].update(port=free_port(), deployments={"Generator": {"max_ongoing_requests": 32}})
+    raw["serve"].update(port=free_port(), max_new_tokens=new_tokens, deployments={"Generator": {"max_ongoing_requests": 32}})
     raw["corpus"]["path"] = None
     path = root / "tunedex.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -95,19 +98,124 @@ def new_release(cfg, model: Path, collection: str) -> registry.Release:
     return release
 
 
-def phase_batching(cfg, path: Path, model: Path, collection: str, questions: list[str], total: int,
-                   wait_s: float) -> dict:
-    from tunedex.serving import control
+def rendered_prompts(model: Path, questions: list[str]) -> list[list[int]]:
+    """The token ids `/v1/query` (mode finetuned) generates from: the question in the chat template."""
+    from transformers import AutoTokenizer
 
-    out = {"batch_wait_timeout_s": wait_s}
-    for label, size in (("batched", 16), ("unbatched", 1)):
-        release = new_release(cfg, model, collection)
-        control.switch(cfg, path, [f"serve.max_batch_size={size}", f"serve.batch_wait_timeout_s={wait_s}"], release)
-        asyncio.run(closed_loop(cfg.serve.url, questions, 16, 16, "finetuned"))  # warm-up
-        out[label] = asyncio.run(closed_loop(cfg.serve.url, questions, 16, total, "finetuned"))
-        print(label, out[label], flush=True)
-    out["throughput_ratio"] = round(out["batched"]["req_per_s"] / out["unbatched"]["req_per_s"], 2)
+    from tunedex.serving.generation import render
+    from tunedex.serving.prompt import build_messages
+
+    tok = AutoTokenizer.from_pretrained(model)
+    return [tok(render(tok, build_messages(q, [])), add_special_tokens=False)["input_ids"] for q in questions]
+
+
+def hf_batch(model: Path, prompts: list[list[int]], new_tokens: int, reps: int) -> float:
+    """Requests/s of Hugging Face `generate` on all prompts in one left-padded batch, `new_tokens` each."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(model).eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        lm.generate(**{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        started = time.perf_counter()
+        for _ in range(reps):
+            lm.generate(**kwargs)
+    return len(prompts) * reps / (time.perf_counter() - started)
+
+
+def vllm_concurrent(model: Path, prompts: list[list[int]], new_tokens: int, reps: int) -> float:
+    """Requests/s of our engine (`TextEngine`'s vLLM engine) with all prompts in flight at once."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from tunedex.serving.engine import TextEngine
+
+    async def run() -> float:
+        engine = TextEngine(str(model), new_tokens)
+        params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0)
+
+        async def one(ids: list[int], i: int) -> None:
+            async for _ in engine.engine.generate(TokensPrompt(prompt_token_ids=ids), params, f"r{i}"):
+                pass
+
+        await asyncio.gather(*(one(p, i) for i, p in enumerate(prompts)))  # warm-up
+        started = time.perf_counter()
+        for rep in range(reps):
+            await asyncio.gather(*(one(p, (rep + 1) * 1000 + i) for i, p in enumerate(prompts)))
+        rate = len(prompts) * reps / (time.perf_counter() - started)
+        engine.shutdown()
+        return rate
+
+    return asyncio.run(run())
+
+
+def vllm_offline(model: Path, prompts: list[list[int]], new_tokens: int, reps: int) -> dict:
+    """`vllm.LLM.generate` in-process on the prompts, greedy, stopping where the model stops (as the endpoint)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from tunedex.serving.engine import engine_kwargs
+
+    llm = LLM(model=str(model), **engine_kwargs({}, on_gpu=False))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0)
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    llm.generate(inputs, params, use_tqdm=False)  # warm-up
+    started = time.perf_counter()
+    for _ in range(reps):
+        outs = llm.generate(inputs, params, use_tqdm=False)
+    rate = len(prompts) * reps / (time.perf_counter() - started)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs) / len(outs)
+    del llm
+    return {"req_per_s": round(rate, 2), "mean_new_tokens": round(tokens, 1)}
+
+
+def phase_engine(model: Path, questions: list[str], new_tokens: int, reps: int) -> dict:
+    prompts = rendered_prompts(model, questions[:16])
+    hf = hf_batch(model, prompts, new_tokens, reps)
+    vllm = vllm_concurrent(model, prompts, new_tokens, reps)
+    return {"prompts": len(prompts), "new_tokens": new_tokens, "hf_batch_req_per_s": round(hf, 2),
+            "vllm_req_per_s": round(vllm, 2), "throughput_ratio": round(vllm / hf, 2)}
+
+
+def phase_endpoint(cfg, questions: list[str], offline: dict, reps: int) -> dict:
+    """16 clients, generation only, ÷ the same prompts through `vllm.LLM.generate` in-process (measured before
+    the stack started, so both had the machine to themselves)."""
+    asyncio.run(closed_loop(cfg.serve.url, questions[:16], 16, 16, "finetuned"))  # warm-up
+    ours = asyncio.run(closed_loop(cfg.serve.url, questions[:16], 16, 16 * reps, "finetuned"))
+    return {"endpoint": ours, "offline": offline, "ratio": round(ours["req_per_s"] / offline["req_per_s"], 2)}
+
+
+async def first_tokens(url: str, questions: list[str], clients: int, total: int) -> list[float]:
+    """Milliseconds from sending a streamed chat request to its first generated text."""
+    out: list[float] = []
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(questions[i % len(questions)])
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            body = {"stream": True, "messages": [{"role": "user", "content": queue.get_nowait()}]}
+            t = time.perf_counter()
+            async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                        out.append((time.perf_counter() - t) * 1000)
+                        break
+
+    async with httpx.AsyncClient(timeout=600) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
     return out
+
+
+def phase_ttft(cfg, questions: list[str]) -> dict:
+    asyncio.run(first_tokens(cfg.serve.url, questions, 4, 8))  # warm-up
+    return {f"concurrency_{c}": percentiles(asyncio.run(first_tokens(cfg.serve.url, questions, c, 4 * c)))
+            for c in (1, 16)}
 
 
 def phase_overhead(cfg, path: Path, model: Path, collection: str, questions: list[str], reps: int) -> dict:
@@ -129,15 +237,15 @@ def phase_overhead(cfg, path: Path, model: Path, collection: str, questions: lis
             t = time.perf_counter()
             out = answer.remote(q, "hybrid", None, "").result()
             t_h = (time.perf_counter() - t) * 1000
-            messages = build_messages(q, [s["text"] for s in out["sources"]])
+            messages = build_messages(q, [s["text"] for s in out.sources])
             t = time.perf_counter()
             text = generate.remote(messages, Sampling()).result()
             t_g = (time.perf_counter() - t) * 1000
             if rep:  # the first pass warms up
                 hybrid.append(t_h)
                 gen_only.append(t_g)
-                retrieve.append(out["timings_ms"]["retrieve"])
-                same += text == out["answer"]
+                retrieve.append(out.timings_ms["retrieve"])
+                same += text == out.answer
     return {"pairs": len(hybrid), "same_answer": same, "hybrid": percentiles(hybrid), "generation_only": percentiles(gen_only),
             "retrieve_ms_p50": round(statistics.median(retrieve), 1),
             "latency_ratio_p50": round(statistics.median(hybrid) / statistics.median(gen_only), 3),
@@ -187,20 +295,27 @@ def phase_swap(cfg, path: Path, model: Path, collection: str, questions: list[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--phases", default="batching,overhead,swap")
-    parser.add_argument("--requests", type=int, default=160, help="requests per batching arm")
-    parser.add_argument("--reps", type=int, default=3, help="passes over the questions in the overhead phase")
-    parser.add_argument("--batch-wait", type=float, default=0.05, help="serve.batch_wait_timeout_s in the batching phase")
+    parser.add_argument("--phases", default="engine,endpoint,ttft,overhead,swap")
+    parser.add_argument("--new-tokens", type=int, default=48, help="tokens per answer (serve.max_new_tokens)")
+    parser.add_argument("--reps", type=int, default=3, help="passes over the prompts per measured arm")
     args = parser.parse_args()
     phases = args.phases.split(",")
     results: dict = {"size": args.size, "shape": SHAPES[args.size]}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        path = write_config(tmp)
+        path = write_config(tmp, args.new_tokens)
         cfg = load_config(path)
+        os.environ.update(services.ray_env(cfg))  # before anything imports ray (vLLM does)
         demo = write_demo_data(tmp / "demo")
+        texts = [p.read_text() for p in demo["day1"].rglob("*.md")]
+        model = build_model(tmp / f"model-{args.size}", texts, SHAPES[args.size])
+        questions = [json.loads(line)["question"] for line in demo["qa"].read_text().splitlines()][:20]
+        if "engine" in phases:  # in-process, before the stack starts
+            results["engine"] = phase_engine(model, questions, args.new_tokens, args.reps)
+            print("engine", results["engine"], flush=True)
+        if "endpoint" in phases:
+            offline = vllm_offline(model, rendered_prompts(model, questions[:16]), args.new_tokens, args.reps)
         services.up(cfg)
-        os.environ.update(services.ray_env(cfg))
         try:
             import ray
 
@@ -209,15 +324,16 @@ def main() -> None:
 
             index_corpus(cfg, demo["day1"])
             collection = registry.live_collection(cfg)
-            texts = [p.read_text() for p in demo["day1"].rglob("*.md")]
-            model = build_model(tmp / f"model-{args.size}", texts, SHAPES[args.size])
-            questions = [json.loads(line)["question"] for line in demo["qa"].read_text().splitlines()][:20]
             ray.init(address=cfg.ray.address, logging_level="WARNING", log_to_driver=False)
             first = new_release(cfg, model, collection)
             registry.promote(cfg.registry_dir, first)
             control.start(cfg, path, [])
-            if "batching" in phases:
-                results["batching"] = phase_batching(cfg, path, model, collection, questions, args.requests, args.batch_wait)
+            if "endpoint" in phases:
+                results["endpoint"] = phase_endpoint(cfg, questions, offline, args.reps)
+                print("endpoint", results["endpoint"], flush=True)
+            if "ttft" in phases:
+                results["ttft"] = phase_ttft(cfg, questions)
+                print("ttft", results["ttft"], flush=True)
             if "overhead" in phases:
                 results["overhead"] = phase_overhead(cfg, path, model, collection, questions, args.reps)
                 print("overhead", results["overhead"], flush=True)
