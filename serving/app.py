@@ -28,7 +28,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from tunedex.infra.config import TunedexConfig, load_config
-from tunedex.serving.engine import Generator, check_engine_kwargs
+from tunedex.serving.engine import EngineError, Generator, check_engine_kwargs
 from tunedex.serving.generation import Prompt, Sampling
 # OPEN_ROUTES and authorized: imported from here by tests/reliability/test_s13_api_key.py
 from tunedex.serving.http import OPEN_ROUTES, Answer, Completion, Problem, authorized, make_api  # noqa: F401
@@ -115,7 +115,11 @@ class Retriever:
             return Problem(422, f"filters {filters!r} is not a valid Milvus expression: {first}", param="filters")
 
 
-def overloaded(exc: BackPressureError) -> Problem:
+def refused(exc: BackPressureError | EngineError) -> Problem:
+    """Serve's backpressure (the model's queue is full: 503/429 with Retry-After) or the engine refusing the
+    request's values (400)."""
+    if isinstance(exc, EngineError):
+        return Problem(400, f"the engine refused the request: {getattr(exc, 'cause', exc)}", "invalid_request")
     return Problem(exc.status_code, f"the model is at capacity ({exc.message}); retry shortly", "overloaded",
                    retry_after_s=exc.retry_after_s)
 
@@ -168,8 +172,8 @@ class Release:
                 timings["generate"] = round((time.perf_counter() - gen_started) * 1000, 2)
         except Problem as problem:
             return problem
-        except BackPressureError as exc:
-            return overloaded(exc)
+        except (BackPressureError, EngineError) as exc:
+            return refused(exc)
         timings["total"] = round((time.perf_counter() - started) * 1000, 2)
         return Answer(answer, source_entries(hits), self.release_id, mode, timings)
 
@@ -188,8 +192,8 @@ class Release:
             text = await self.generator.generate.remote(prompt, sampling)
         except Problem as problem:
             return problem
-        except BackPressureError as exc:
-            return overloaded(exc)
+        except (BackPressureError, EngineError) as exc:
+            return refused(exc)
         return Completion(guard_answer(text, self.system_prompt, contexts), sources, self.release_id)
 
     async def stream(self, kind: str, payload: Prompt, sampling: Sampling):
@@ -202,8 +206,8 @@ class Release:
         except Problem as problem:
             yield problem
             return
-        except BackPressureError as exc:
-            yield overloaded(exc)
+        except (BackPressureError, EngineError) as exc:
+            yield refused(exc)
             return
         yield Completion("", sources, self.release_id)
         guard = GuardedStream(self.system_prompt, contexts)
@@ -226,8 +230,8 @@ async def answered(call: Any) -> Any:
     """A `Release` call's result; its `Problem` raised, Serve's backpressure and a failed replica as ones too."""
     try:
         out = await call
-    except BackPressureError as exc:
-        raise overloaded(exc) from None
+    except (BackPressureError, EngineError) as exc:
+        raise refused(exc) from None
     except Exception:
         raise Problem(503, "the release is unavailable; try again shortly", "service_unavailable") from None
     if isinstance(out, Problem):
