@@ -13,6 +13,7 @@ handle call) is aborted in the engine: vLLM's `generate` aborts on `CancelledErr
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from contextlib import aclosing
 from pathlib import Path
@@ -28,6 +29,9 @@ ENGINE_DEFAULTS: dict[str, Any] = {"enable_prefix_caching": True, "disable_log_s
 # Without a GPU: no graph compilation (inductor takes minutes on a small CPU), the model's own float32, and a
 # KV cache of its own size (vLLM's CPU default is 90% of the machine's memory, per engine).
 CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "dtype": "float32", "kv_cache_memory_bytes": 512 * 2**20}
+
+
+STREAM_BATCH_S = 0.05
 
 
 class EngineError(RuntimeError):
@@ -135,6 +139,9 @@ class Generator:
         from ray.serve import metrics
 
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # Ray already placed this replica
+        # Ray sets OMP_NUM_THREADS to the replica's num_cpus (1 for a fraction): on CPU the engine is the one
+        # compute-heavy part of the endpoint, so it gets the cores this process may run on.
+        os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
         self.engine = TextEngine(model_path, max_new_tokens, configured)
         # Serve tags it with the application, i.e. the release id
         self.aborted = metrics.Counter("tunedex_generation_aborted",
@@ -144,11 +151,18 @@ class Generator:
         return await self.engine.generate(prompt, sampling)
 
     async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
-        """Call through a handle with `stream=True`; cancelling that call aborts the request in the engine."""
-        finished = False
+        """Call through a handle with `stream=True`; cancelling that call aborts the request in the engine.
+        Every item is a Ray object on each hop to the client, so the first piece goes at once and later ones
+        travel together, at most one per `STREAM_BATCH_S` (as Ray Serve LLM batches its streams)."""
+        finished, held, sent_at = False, "", None
         try:
             async for piece in self.engine.stream(prompt, sampling):
-                yield piece
+                held += piece
+                if sent_at is None or time.monotonic() - sent_at >= STREAM_BATCH_S:
+                    yield held
+                    held, sent_at = "", time.monotonic()
+            if held:
+                yield held
             finished = True
         finally:
             if not finished:
