@@ -15,6 +15,8 @@ from tunedex.infra.config import EmbeddingConfig
 log = logging.getLogger(__name__)
 
 PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+# How the cached ONNX file is made; part of its cache key, so changing the export never reuses an old file.
+ONNX_EXPORT = "opset17|eager-attention|ort-bert-fusion"
 
 
 class EmbeddingModelError(ValueError):
@@ -156,20 +158,24 @@ def _onnx_session(model: Any, path: str) -> Any:
 
 def _onnx_export(model: Any, path: str) -> Path:
     """The model's transformer as ONNX (last hidden state), exported once from the local weights and cached beside
-    the model, or in the temp dir where the model's dir is read-only."""
+    the model, or in the temp dir where the model's dir is read-only. BERT models are exported with eager attention,
+    whose graph onnxruntime's optimizer fuses (Attention, SkipLayerNorm, BiasGelu); it cannot fuse the SDPA export."""
     import hashlib
 
+    import onnxruntime
     import torch
 
     base = Path(path) if Path(path).is_dir() else Path(tempfile.gettempdir())
     if not os.access(base, os.W_OK):
         base = Path(tempfile.gettempdir())
-    key = hashlib.sha256(f"{Path(path).resolve()}|{torch.__version__}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{Path(path).resolve()}|{torch.__version__}|{onnxruntime.__version__}|{ONNX_EXPORT}".encode()).hexdigest()[:12]
     target = base / "onnx" / f"model-{key}.onnx"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     transformer = model[0].auto_model.eval()
+    config = transformer.config
+    fuse = config.model_type == "bert"
 
     class LastHidden(torch.nn.Module):
         def __init__(self) -> None:
@@ -182,10 +188,22 @@ def _onnx_export(model: Any, path: str) -> Path:
     sample = model.tokenizer(["an example", "a longer example sentence"], padding=True, return_tensors="pt")
     axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}, "hidden": {0: "batch", 1: "tokens"}}
     tmp = target.with_suffix(f".{os.getpid()}.tmp")  # concurrent replicas: each writes its own file, the rename is atomic
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shapes the dynamic axes cover
-        torch.onnx.export(LastHidden(), (sample["input_ids"], sample["attention_mask"]), str(tmp), dynamo=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["hidden"], dynamic_axes=axes,
-                          opset_version=17)
+    attention = config._attn_implementation
+    try:
+        if fuse:
+            transformer.set_attn_implementation("eager")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shapes the dynamic axes cover
+            torch.onnx.export(LastHidden(), (sample["input_ids"], sample["attention_mask"]), str(tmp), dynamo=False,
+                              input_names=["input_ids", "attention_mask"], output_names=["hidden"], dynamic_axes=axes,
+                              opset_version=17)
+    finally:
+        transformer.set_attn_implementation(attention)  # the torch model keeps serving encode as loaded
+    if fuse:
+        from onnxruntime.transformers import optimizer
+
+        fused = optimizer.optimize_model(str(tmp), model_type="bert", num_heads=config.num_attention_heads,
+                                         hidden_size=config.hidden_size)
+        fused.save_model_to_file(str(tmp))
     os.replace(tmp, target)
     return target

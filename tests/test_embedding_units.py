@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tunedex.infra.config import EmbeddingConfig
-from tunedex.infra.embedding import load_embedder
+from tunedex.infra.embedding import _onnx_export, load_embedder, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +27,17 @@ def test_onnx_vectors_match_plain_encode(embedder):
     assert cosines.min() >= 0.999, f"chunk {int(cosines.argmin())}: cosine {cosines.min():.5f} against plain encode"
     assert embedder.truncated == 1
     assert len(texts) > 20
+
+
+def test_onnx_model_is_fused_and_torch_model_untouched(embedder):
+    """The cached BERT export carries onnxruntime's fused ops (the speed-up), while the torch model that serves
+    plain encode keeps the attention it was loaded with."""
+    import onnx
+
+    path = _onnx_export(embedder.model, resolve_model_path(embedder.model_id))  # the cached file the session runs
+    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops, f"{path.name} has no fused attention: {sorted(ops)}"
+    assert embedder.model[0].auto_model.config._attn_implementation != "eager"
 
 
 def test_empty_and_torch_backend():
