@@ -13,7 +13,8 @@ import pytest
 
 from conftest import run_cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.scenario("S8", "promote A->B, rollback, a corrupt and a failing release, cold re-promote of B, under 3 query clients + 1 openai streaming client")]
+# five vLLM engine loads (A's and B's models, B's base, a failing release, B cold again) on 2 shared cores
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.scenario("S8", "promote A->B, rollback, a corrupt and a failing release, cold re-promote of B, under 3 query clients + 1 openai streaming client")]
 
 AUTH = {"Authorization": "Bearer test-key-123"}
 
