@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from tunedex.serving.generation import Prompt, Sampling, render
+from tunedex.serving.generation import Prompt, Sampling, prompt_ids, room_for
 
 # What every tunedex engine starts with; `serve.engine_kwargs` (passed to vLLM's AsyncEngineArgs verbatim,
 # as Ray Serve LLM's `engine_kwargs`) overrides any of them.
@@ -57,11 +57,6 @@ def check_engine_kwargs(configured: dict[str, Any]) -> None:
         raise ValueError("serve.engine_kwargs.model: the model comes from the promoted release; remove it")
 
 
-def new_tokens(sampling: Sampling, default_max: int, context: int) -> int:
-    """New tokens a request gets: what it asked for, capped by the server's limit and a quarter of the context."""
-    return max(1, min(sampling.max_new_tokens or default_max, default_max, context // 4))
-
-
 def sampling_params(sampling: Sampling, max_tokens: int, final_only: bool) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -95,9 +90,8 @@ class TextEngine:
     def _request(self, prompt: Prompt, sampling: Sampling, final_only: bool) -> tuple[Any, Any, str]:
         from vllm.inputs import TokensPrompt
 
-        room = new_tokens(sampling, self.max_new_tokens, self.context)
-        ids = self.tokenizer(render(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        ids = ids[-(self.context - room):] or [self.tokenizer.eos_token_id]
+        room = room_for(self.context, sampling, self.max_new_tokens)
+        ids = prompt_ids(self.tokenizer, prompt, self.context, room) or [self.tokenizer.eos_token_id]
         try:
             params = sampling_params(sampling, room, final_only)
         except ValueError as exc:

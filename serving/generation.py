@@ -64,9 +64,9 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, limit: int, room: int) -> list[in
     return ids[-(limit - room):]
 
 
-def room_for(model: Any, sampling: Sampling, default_max: int) -> int:
+def room_for(context: int, sampling: Sampling, default_max: int) -> int:
     """New tokens a request gets: what it asked for, capped by the server's limit and a quarter of the context."""
-    return max(1, min(sampling.max_new_tokens or default_max, default_max, context_length(model) // 4))
+    return max(1, min(sampling.max_new_tokens or default_max, default_max, context // 4))
 
 
 def sampling_kwargs(sampling: Sampling) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def _generate_group(model: Any, tokenizer: Any, prompts: list[Prompt], samplings
                     default_max: int) -> list[str]:
     import torch
 
-    rooms = [room_for(model, s, default_max) for s in samplings]
+    rooms = [room_for(context_length(model), s, default_max) for s in samplings]
     limit = context_length(model)
     encoded = [prompt_ids(tokenizer, p, limit, max(rooms)) for p in prompts]
     width = max(len(ids) for ids in encoded)
