@@ -7,6 +7,7 @@ process (the Milvus Lite server) owns the data dir, so they can use the index at
 from __future__ import annotations
 
 import os
+import random
 import re
 import secrets
 import shutil
@@ -45,11 +46,24 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
             return False
 
 
+# Ports handed out for services we start: below Linux's ephemeral range (32768-60999), from which the kernel gives
+# every bind(0) and outgoing connection a port (vLLM's ZMQ sockets, Ray's gRPC clients), and above Ray's worker
+# ports (10002-19999). A port taken from bind(0) could be handed to one of those before our service bound it.
+SERVICE_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for tests and benchmarks)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on now, outside the ranges other processes draw from."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(SERVICE_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {SERVICE_PORTS.start}-{SERVICE_PORTS.stop - 1} after 200 tries")
 
 
 def _bin(name: str) -> str:

@@ -3,7 +3,6 @@ idempotent re-submission, preflight errors (a killed worker's resume: tests/reli
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -46,9 +45,11 @@ def test_zero_stages_train_to_the_recorded_loss(stack, stage):
 
 def test_resubmitting_a_finished_run_returns_it_and_a_changed_one_is_refused(stack):
     first = summary(finetune(stack, "finetune.ray.run_name=twice", "finetune.max_steps=10"))
-    started = time.monotonic()
+    weights = Path(first.group(7)) / "model.safetensors"
+    written = weights.stat().st_mtime_ns
     again = summary(finetune(stack, "finetune.ray.run_name=twice", "finetune.max_steps=10"))
-    assert again.group(0) == first.group(0) and time.monotonic() - started < 60
+    assert again.group(0) == first.group(0)
+    assert weights.stat().st_mtime_ns == written  # returned, not trained and exported again
     changed = finetune(stack, "finetune.ray.run_name=twice", "finetune.max_steps=12", check=False)
     assert changed.returncode == 1 and "already finished" in changed.stderr and "run_name" in changed.stderr
 
@@ -67,9 +68,8 @@ def test_lora_trains_and_merges_into_plain_safetensors(stack):
 
 
 def test_preflight_names_settings_the_hardware_cannot_run(stack):
-    started = time.monotonic()
     proc = finetune(stack, "finetune.bf16=true", "finetune.ray.num_workers=64", check=False)
-    assert proc.returncode == 1 and time.monotonic() - started < 60
+    assert proc.returncode == 1
     assert "finetune.bf16: true needs GPUs" in proc.stderr
     assert "64 workers need 64 CPU but the cluster has" in proc.stderr
     assert "Traceback" not in proc.stderr
