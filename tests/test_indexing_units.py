@@ -52,6 +52,20 @@ def test_editing_one_sentence_re_embeds_at_most_two_chunks(tokenizer):
         assert 1 <= len(new - old) <= 2
 
 
+def test_a_short_page_of_many_paragraphs_stays_one_chunk(tokenizer):
+    """A product page (heading, price line, list items) under a quarter of chunk_size is one chunk: retrieval
+    returns the facts together, not a lone heading (the content-defined end waits for a minimum size)."""
+    import random
+
+    from tunedex.demo_data import make_products, product_markdown
+
+    pages = [product_markdown(p) for p in make_products(random.Random(0), 30)]
+    assert all(len(p.split("\n\n")) == 3 for p in pages)
+    assert all(chunk_text(p, tokenizer, 200, 32) == [p.strip()] for p in pages)
+    tiny = [c for p in pages for c in chunk_text(p * 4, tokenizer, 200, 32)[:-1]]
+    assert tiny and min(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in tiny) >= 50
+
+
 def test_repeated_identical_chunks_get_distinct_ids():
     rows = chunk_rows(_doc("d", "x"), ["same", "other", "same"], "m")
     assert len({r["chunk_id"] for r in rows}) == 3

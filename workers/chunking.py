@@ -2,9 +2,11 @@
 
 Chunks are built from paragraphs (sentences for a paragraph over `size` tokens, token windows
 for a sentence over `size`), packed greedily up to `size` tokens. A chunk also ends after any
-unit whose text hash says so (content-defined, about one unit in three): an edit then moves only
-the boundaries next to it, and the packing is back in step a unit or two later, so an edit
-re-embeds about the chunks it touches rather than the rest of the document.
+unit whose text hash says so (content-defined, about one unit in three, once the chunk holds a
+quarter of `size`): an edit then moves only the boundaries next to it, and the packing is back in
+step a unit or two later, so an edit re-embeds about the chunks it touches rather than the rest of
+the document. Inside an overlong sentence the token windows are positional: an edit there shifts
+the windows after it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ from __future__ import annotations
 import hashlib
 import re
 from typing import Any
+
+# A content-defined end is taken only once a chunk holds size // MIN_FRACTION tokens (the minimum chunk size of
+# content-defined chunking, as in FastCDC): a short document stays one chunk, and a chunk is not a lone heading
+# or list item that retrieval would return without the facts next to it. Measured on ~8 MB of real docs (60
+# one-sentence edits): median 1 chunk re-embedded per edit with or without it, mean chunk 129 vs 100 tokens.
+MIN_FRACTION = 4
 
 PARAGRAPH = re.compile(r"\S(?:.*?\S)?(?=\s*\n\s*\n|\s*$)", re.S)
 SENTENCE = re.compile(r"\S.*?(?:[.!?](?=\s)|$)", re.S)
@@ -74,7 +82,7 @@ def chunk_text(text: str, tokenizer: Any, size: int, overlap: int) -> list[str]:
             first, tokens = None, 0
         first = start if first is None else first
         last, tokens = end, tokens + n
-        if _ends_chunk(text[start:end]):
+        if tokens >= size // MIN_FRACTION and _ends_chunk(text[start:end]):
             chunks.append(text[first:last])
             first, tokens = None, 0
     if first is not None:
