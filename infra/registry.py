@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -132,8 +133,10 @@ def live_collection(cfg: Any, client: Any = None) -> str | None:
     alias = store.live_alias(cfg.milvus)
     if recorded := _live(cfg.registry_dir).get(alias):
         return recorded["collection"]
-    client = client or store.connect(cfg.milvus)
-    return store.resolve_alias(client, alias) if store.has_aliases(client) else None
+    if client is not None:
+        return store.alias_target(client, alias)
+    with closing(store.connect(cfg.milvus)) as own:
+        return store.alias_target(own, alias)
 
 
 def _live(root: Path) -> dict[str, dict[str, str]]:

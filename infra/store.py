@@ -236,7 +236,7 @@ def point_alias(client: MilvusClient, alias: str, name: str) -> None:
     """Move `alias` to `name` (create it if new)."""
     if alias not in client.list_aliases().get("aliases", []):
         client.create_alias(name, alias)
-    elif resolve_alias(client, alias) != name:
+    elif client.describe_alias(alias)["collection_name"] != name:
         client.alter_alias(name, alias)
 
 
@@ -244,6 +244,11 @@ def resolve_alias(client: MilvusClient, alias: str) -> str | None:
     if alias not in client.list_aliases().get("aliases", []):
         return None
     return client.describe_alias(alias)["collection_name"]
+
+
+def alias_target(client: MilvusClient, alias: str) -> str | None:
+    """The collection `alias` names, or None where it does not exist or the engine has no aliases."""
+    return resolve_alias(client, alias) if has_aliases(client) else None
 
 
 def hybrid_search(

@@ -48,6 +48,8 @@ def test_answer_and_retrieval_scores():
     assert s["contains"] == 1.0 and s["exact"] == 0.0 and 0.8 < s["f1"] < 1.0
     assert answer_scores("It costs $238.00.", "The Aurora Headphones 100 costs $184.00.")["contains"] == 0.0
     assert answer_scores("", "x") == {"exact": 0.0, "contains": 0.0, "f1": 0.0}
+    # every source marker is dropped before scoring, [12] as well as [1] (serve.top_k may exceed 3)
+    assert answer_scores("The Aurora Headphones 100 costs $184.00 [12].", "The Aurora Headphones 100 costs $184.00.")["exact"] == 1.0
     assert retrieval_scores(["a", "b", "c"], ("b",)) == {"recall": 1.0, "mrr": 0.5}
     assert retrieval_scores(["a"], ("b", "c")) == {"recall": 0.0, "mrr": 0.0}
     assert retrieval_scores(["a"], ()) == {}

@@ -16,6 +16,7 @@ import re
 import string
 import time
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,11 @@ def load_qa(path: Path, limit: int | None = None) -> list[QAItem]:
     return items[:limit] if limit else items
 
 
+CITATION = re.compile(r"\[\d+\]")  # [n]: the source markers answers carry, for any serve.top_k
+
+
 def normalize(text: str) -> str:
-    text = text.lower().replace("[1]", " ").replace("[2]", " ").replace("[3]", " ")
+    text = CITATION.sub(" ", text.lower())
     text = "".join(" " if ch in string.punctuation and ch not in "$." else ch for ch in text)
     return re.sub(r"\s+", " ", text.replace(". ", " ")).strip(" .")
 
@@ -163,13 +167,14 @@ def evaluate_strategies(cfg: TunedexConfig, model_path: str, collection: str, it
     hits: list[list[Any]] = [[] for _ in items]
     retrieve_ms: list[float] = []
     if any(STRATEGY_PARTS[s][1] for s in strategies):
-        embedder, client = load_embedder(cfg.embedding), store.connect(cfg.milvus)
-        client.load_collection(collection)
-        for i, it in enumerate(items):
-            started = time.perf_counter()
-            vector = embedder.embed([it.question])[0]
-            hits[i] = store.hybrid_search(client, cfg.milvus, collection, vector, it.question, cfg.serve.top_k)
-            retrieve_ms.append((time.perf_counter() - started) * 1000)
+        embedder = load_embedder(cfg.embedding)
+        with closing(store.connect(cfg.milvus)) as client:
+            client.load_collection(collection)
+            for i, it in enumerate(items):
+                started = time.perf_counter()
+                vector = embedder.embed([it.question])[0]
+                hits[i] = store.hybrid_search(client, cfg.milvus, collection, vector, it.question, cfg.serve.top_k)
+                retrieve_ms.append((time.perf_counter() - started) * 1000)
     style = re.compile(cfg.evaluate.style_pattern, re.S) if cfg.evaluate.style_pattern else None
     out: dict[str, Any] = {}
     for strategy in strategies:
@@ -259,7 +264,8 @@ def one_off_costs(cfg: TunedexConfig, model_path: str, collection: str) -> dict[
         out["finetune_accelerator_hours"] = round(hours, 4)
         out["finetune_usd"] = round(hours * cfg.evaluate.gpu_hour_usd, 4)
     try:
-        rows = store.connect(cfg.milvus).get_collection_stats(collection)["row_count"]
+        with closing(store.connect(cfg.milvus)) as client:
+            rows = client.get_collection_stats(collection)["row_count"]
         tokens = int(rows) * cfg.chunking.chunk_size
         out["corpus_chunks"] = int(rows)
         out["corpus_embedding_usd_at_most"] = round(tokens / 1e6 * cfg.evaluate.embedding_usd_per_1m_tokens, 6)
