@@ -22,12 +22,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from tunedex.flows.common import flow_config, transient
 from tunedex.infra.config import TunedexConfig
+from tunedex.infra.errors import TunedexError
 from tunedex.infra.ids import content_hash
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class FinetuneJobFailed(RuntimeError):
+class FinetuneJobFailed(TunedexError, RuntimeError):
     """The Ray job ended without a model; the message carries the end of its log."""
 
 

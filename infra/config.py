@@ -16,9 +16,13 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunedex.infra.errors import TunedexError
 
-class ConfigError(ValueError):
+
+class ConfigError(TunedexError, ValueError):
     """A config that cannot be used; the message lists every problem with its fix."""
+
+    exit_code = 2
 
 
 class Section(BaseModel):

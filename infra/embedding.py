@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunedex.infra.config import EmbeddingConfig
+from tunedex.infra.errors import TunedexError
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 ONNX_EXPORT = "opset17|eager-attention|ort-bert-fusion"
 
 
-class EmbeddingModelError(ValueError):
+class EmbeddingModelError(TunedexError, ValueError):
     """The configured embedding model cannot be loaded."""
 
 

@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunedex.infra.config import ConfigError, TunedexConfig, _read_yaml, format_problem
+from tunedex.infra.errors import TunedexError
 
 NAMESPACE = "tunedex"
 IMAGE = "tunedex"  # the kustomize image name; `images:` maps it to `--image`
@@ -68,7 +69,7 @@ MILVUS_POD = {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"cpu": "2
 MILVUS_DEP = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 
 
-class RenderError(ValueError):
+class RenderError(TunedexError, ValueError):
     """Manifests that cannot be written; the message names the thing and the fix."""
 
 

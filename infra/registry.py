@@ -16,10 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tunedex.infra.errors import TunedexError
 from tunedex.infra.ids import content_hash, slug
 
 
-class RegistryError(ValueError):
+class RegistryError(TunedexError, ValueError):
     """A release that cannot be recorded or found; the message says what to do."""
 
 

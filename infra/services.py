@@ -22,9 +22,10 @@ from urllib.parse import urlparse
 import psutil
 
 from tunedex.infra.config import MilvusConfig, TunedexConfig
+from tunedex.infra.errors import TunedexError
 
 
-class ServiceError(RuntimeError):
+class ServiceError(TunedexError, RuntimeError):
     """A local service could not be started or is not healthy; the message says why and what to do."""
 
 

@@ -18,6 +18,7 @@ import grpc
 from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, RRFRanker, WeightedRanker
 
 from tunedex.infra.config import MilvusConfig
+from tunedex.infra.errors import TunedexError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ LEDGER_FIELDS = ["chunk_id", "doc_id", "doc_version", "doc_chunks"]
 LEDGER_PAGE = 5000  # rows per query_iterator page when reading the ledger
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(TunedexError, RuntimeError):
     """Milvus cannot be reached (transient: a retry may succeed)."""
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 
 from tunedex.infra import registry
 from tunedex.infra.config import TunedexConfig
+from tunedex.infra.errors import TunedexError
 from tunedex.infra.registry import Release
 
 INGRESS_APP = "tunedex"
 log = logging.getLogger(__name__)
 
 
-class SwapError(RuntimeError):
+class SwapError(TunedexError, RuntimeError):
     """A release could not be brought up; the one being served is unchanged."""
 
 

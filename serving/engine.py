@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from tunedex.infra.errors import TunedexError
 from tunedex.serving.generation import Prompt, Sampling, prompt_ids, room_for
 
 # What every tunedex engine starts with; `serve.engine_kwargs` (passed to vLLM's AsyncEngineArgs verbatim,
@@ -34,7 +35,7 @@ CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "dtype": "float32", "kv_c
 STREAM_BATCH_S = 0.05
 
 
-class EngineError(RuntimeError):
+class EngineError(TunedexError, RuntimeError):
     """The engine cannot take this request (bad sampling values, a prompt it refuses): the caller's 400."""
 
 

@@ -1,5 +1,7 @@
 """Config: every problem listed at once with its key and fix; shipped configs load."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,17 @@ def test_local_milvus_lite_25_refuses_an_index_it_lacks():
         load_config(None, ["milvus.index_type=HNSW"])
     assert load_config(None, ["milvus.index_type=HNSW", "milvus.local_engine=milvus-lite-3"]).milvus.index_type == "HNSW"
     assert load_config(None, ["milvus.index_type=HNSW", "milvus.uri=http://milvus:19530"]).milvus.index_type == "HNSW"
+
+
+def test_help_and_config_check_load_no_heavy_library(tmp_path):
+    """`tunedex --help` and `tunedex config check` stay quick: no pymilvus, Ray, torch, vLLM or Prefect loaded;
+    every error class derives from one TunedexError that the CLI prints as a line."""
+    probe = ("import sys\nfrom tunedex.cli import app\n"
+             "for argv in (['--help'], ['config', 'check', sys.argv[1]]):\n"
+             "    try:\n        app(argv)\n    except SystemExit:\n        pass\n"
+             "print('LOADED', sorted(m for m in ('pymilvus', 'ray', 'torch', 'transformers', 'vllm', 'prefect', 'grpc')"
+             " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe, str(REPO / "configs/local.yaml")], capture_output=True,
+                         text=True, check=True).stdout
+    assert "Commands" in out and "configs/local.yaml: ok" in out
+    assert out.splitlines()[-1] == "LOADED []", out.splitlines()[-1]

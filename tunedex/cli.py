@@ -14,6 +14,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from tunedex.infra.config import ConfigError, TunedexConfig, dump_config, load_config
+from tunedex.infra.errors import TunedexError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Check and show configuration.")
@@ -53,29 +54,16 @@ def setup(path: Path | None, overrides: list[str] | None = None) -> TunedexConfi
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Known failures print one clear line and exit 1 (2 for config errors), never a traceback."""
-    from tunedex.infra.embedding import EmbeddingModelError
-    from tunedex.infra.registry import RegistryError
-    from tunedex.infra.services import ServiceError
-    from tunedex.infra.store import StoreUnavailable
-    from tunedex.serving.control import SwapError
-    from tunedex.infra.k8s import RenderError
-    from tunedex.workers.evaluate import EvalError
-    from tunedex.workers.finetune import FinetuneError
-
-    known = (RegistryError, ServiceError, StoreUnavailable, EmbeddingModelError, FinetuneError, FileNotFoundError,
-             SwapError, EvalError, RenderError)
+    """Known failures (TunedexError, a missing file) print one clear line and exit 1 (2 for config errors),
+    never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ConfigError as exc:
+        except (TunedexError, FileNotFoundError) as exc:
             typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except known as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(getattr(exc, "exit_code", 1)) from None
 
     return wrapper
 

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from tunedex.infra.config import EvaluateConfig, TunedexConfig
+from tunedex.infra.errors import TunedexError
 
-class EvalError(ValueError):
+class EvalError(TunedexError, ValueError):
     """A QA set or release that cannot be evaluated; the message names it and the fix."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunedex.infra.config import FinetuneConfig, TunedexConfig
+from tunedex.infra.errors import TunedexError
 from tunedex.infra.ids import content_hash
 from tunedex.workers import sft_data
 from tunedex.workers.sft_data import DataError, load_examples
@@ -41,7 +42,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 CHECKPOINT_PAUSE_ENV = "TUNEDEX_TEST_CHECKPOINT_PAUSE_S"
 
 
-class FinetuneError(ValueError):
+class FinetuneError(TunedexError, ValueError):
     """Bad training input or settings; the message names the thing and the fix."""
 
 

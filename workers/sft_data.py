@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunedex.infra.errors import TunedexError
+
 IGNORE = -100  # label of a token that carries no loss
 
 
-class DataError(ValueError):
+class DataError(TunedexError, ValueError):
     """Training data that cannot be used; the message names the file, the lines and the fix."""
 
 
