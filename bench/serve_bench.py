@@ -102,8 +102,8 @@ def rendered_prompts(model: Path, questions: list[str]) -> list[list[int]]:
     """The token ids `/v1/query` (mode finetuned) generates from: the question in the chat template."""
     from transformers import AutoTokenizer
 
-    from tunedex.serving.generation import render
-    from tunedex.serving.prompt import build_messages
+    from tunedex.infra.generation import render
+    from tunedex.infra.prompt import build_messages
 
     tok = AutoTokenizer.from_pretrained(model)
     return [tok(render(tok, build_messages(q, [])), add_special_tokens=False)["input_ids"] for q in questions]
@@ -224,8 +224,8 @@ def phase_overhead(cfg, path: Path, model: Path, collection: str, questions: lis
     from ray import serve
 
     from tunedex.serving import control
-    from tunedex.serving.generation import Sampling
-    from tunedex.serving.prompt import build_messages
+    from tunedex.infra.generation import Sampling
+    from tunedex.infra.prompt import build_messages
 
     release = new_release(cfg, model, collection)
     control.switch(cfg, path, [], release)

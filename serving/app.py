@@ -28,12 +28,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from tunedex.infra.config import TunedexConfig, load_config
+from tunedex.infra.generation import Prompt, Sampling
+from tunedex.infra.prompt import (SYSTEM_PROMPT, GuardedStream, build_chat_messages, build_messages, guard_answer,
+                                  source_entries, text_prompt)
 from tunedex.serving.engine import EngineError, Generator, check_engine_kwargs
-from tunedex.serving.generation import Prompt, Sampling
 # OPEN_ROUTES and authorized: imported from here by tests/reliability/test_s13_api_key.py
 from tunedex.serving.http import OPEN_ROUTES, Answer, Completion, Problem, authorized, make_api  # noqa: F401
-from tunedex.serving.prompt import (SYSTEM_PROMPT, GuardedStream, build_chat_messages, build_messages, guard_answer,
-                                    source_entries, text_prompt)
 
 POLL_S = 0.25  # how often an Ingress replica re-reads the registry's pointer to the promoted release
 

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from tunedex.infra.errors import TunedexError
-from tunedex.serving.generation import Prompt, Sampling, prompt_ids, room_for
+from tunedex.infra.generation import Prompt, Sampling, prompt_ids, room_for
 
 # What every tunedex engine starts with; `serve.engine_kwargs` (passed to vLLM's AsyncEngineArgs verbatim,
 # as Ray Serve LLM's `engine_kwargs`) overrides any of them.

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from tunedex.infra.config import ServeConfig
-from tunedex.serving.generation import Prompt, Sampling
+from tunedex.infra.generation import Prompt, Sampling
 
 OPEN_ROUTES = {"/healthz", "/readyz"}  # probes carry no data; every other route needs the key when one is set
 MAX_HEADERS = 100  # more header fields than this get 431, whatever their size

@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_engine_answers_truncates_batches_and_aborts_a_request_left_early(model_dir):
     from tunedex.serving.engine import TextEngine, check_engine_kwargs
-    from tunedex.serving.generation import Sampling
+    from tunedex.infra.generation import Sampling
 
     async def scenario() -> None:
         engine = TextEngine(str(model_dir), 1024, {"kv_cache_memory_bytes": 64 * 2**20})

@@ -1,9 +1,9 @@
 """Serving pieces without a cluster: the prompt format and the key check."""
 
 from tunedex.demo_data import training_examples, make_policies
-from tunedex.serving.http import authorized
-from tunedex.serving.prompt import SYSTEM_PROMPT, build_messages
 from tunedex.demo_data import SYSTEM_PROMPT as TRAINING_SYSTEM_PROMPT
+from tunedex.infra.prompt import SYSTEM_PROMPT, build_messages
+from tunedex.serving.http import authorized
 
 
 def test_key_check():
@@ -26,7 +26,7 @@ def test_serving_prompt_matches_the_training_format():
 
 def test_batched_generation_gives_each_prompt_what_it_gets_alone():
     from tunedex.infra.config import FinetuneConfig
-    from tunedex.serving.generation import Sampling, generate_batch
+    from tunedex.infra.generation import Sampling, generate_batch
     from tunedex.workers import finetune as ft
 
     texts = ["Shipping is free on orders over 50 dollars.", "Returns are accepted within 30 days."] * 40
@@ -46,7 +46,7 @@ def test_batched_generation_gives_each_prompt_what_it_gets_alone():
 
 
 def test_output_guard_withholds_the_instructions_and_neutralizes_images_and_foreign_links():
-    from tunedex.serving.prompt import WITHHELD, GuardedStream, guard_answer
+    from tunedex.infra.prompt import WITHHELD, GuardedStream, guard_answer
 
     secret = "You are a helper. Code ZX-991 is internal."
     assert guard_answer("Sure: You are a helper. Code ZX-991 is internal.", secret, []) == WITHHELD

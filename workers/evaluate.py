@@ -151,8 +151,8 @@ def evaluate_strategies(cfg: TunedexConfig, model_path: str, collection: str, it
     requests (retrieval + generation) for latency, and a batched pass for throughput."""
     from tunedex.infra import store
     from tunedex.infra.embedding import load_embedder
-    from tunedex.serving.generation import Sampling, generate_batch, load_generator
-    from tunedex.serving.prompt import SYSTEM_PROMPT, build_messages, guard_answer
+    from tunedex.infra.generation import Sampling, generate_batch, load_generator
+    from tunedex.infra.prompt import SYSTEM_PROMPT, build_messages, guard_answer
 
     unknown = [s for s in strategies if s not in STRATEGY_PARTS]
     if unknown:

@@ -26,7 +26,7 @@ from conftest import run_cli, write_config
 from reliability.test_s06_finetune_worker_kill import registered_checkpoints, summary, train_workers, tunedex
 from tunedex.infra import registry
 from tunedex.infra.config import CorpusConfig, FinetuneConfig, TunedexConfig
-from tunedex.serving.generation import load_generator
+from tunedex.infra.generation import load_generator
 from tunedex.workers import finetune as ft
 from tunedex.workers.sources import load_documents
 

@@ -19,8 +19,8 @@ from conftest import run_cli
 from tunedex.infra import store
 from tunedex.infra.embedding import load_embedder
 from tunedex.infra.ids import slug
-from tunedex.serving.prompt import (SYSTEM_PROMPT, GuardedStream, build_chat_messages, build_messages, guard_answer,
-                                    leaks, WITHHELD)
+from tunedex.infra.prompt import (SYSTEM_PROMPT, GuardedStream, build_chat_messages, build_messages, guard_answer,
+                                 leaks, WITHHELD)
 
 pytestmark = [pytest.mark.slow, pytest.mark.scenario(
     "S16", "3 poisoned documents (ignore-instructions, markdown-image exfiltration, fake closing delimiter), "

@@ -1,6 +1,6 @@
 """Prompts and sampling shared by both generation paths, and in-process Hugging Face generation.
 
-The endpoint generates on vLLM (`engine.py`); the evaluation worker (`workers/evaluate.py`) generates here,
+The endpoint generates on vLLM (`serving/engine.py`); the evaluation worker (`workers/evaluate.py`) generates here,
 in its own process with `transformers`, on a batch of prompts. A prompt is either chat messages (rendered
 with the model's chat template, as training rendered them) or raw text (for `/v1/completions`).
 """
