@@ -32,8 +32,7 @@ def promote_task(config: str, overrides: list[str], model_path: str, collection:
     from tunedex.serving.control import promote
 
     cfg = flow_config(config, overrides)
-    release = registry.new_release(Path(model_path), collection, cfg.embedding.model, eval_report=summary,
-                                   consistency_level=cfg.milvus.consistency_level)
+    release = registry.candidate_release(cfg, Path(model_path), collection, eval_report=summary)
     registry.save_release(cfg.registry_dir, release)
     promote(cfg, Path(config).resolve(), overrides, release)
     return release.release_id
@@ -56,20 +55,19 @@ def evaluate_and_promote(config: str, overrides: list[str] | None = None, model:
 
     overrides = overrides or []
     cfg = flow_config(config, overrides)
-    model_path = model or str(registry.latest_model(cfg.registry_dir) or "")
-    if not model_path:
+    latest = Path(model) if model else registry.latest_model(cfg.registry_dir)
+    if latest is None:
         raise registry.RegistryError(f"no model version in {cfg.registry_dir}; run the finetune flow first")
-    collection = registry.live_collection(cfg)
-    if collection is None:
-        raise registry.RegistryError("no indexed collection yet; run the nightly-reembed flow first")
+    release = registry.candidate_release(cfg, latest)  # checks the model dir; the live collection
+    model_path, collection = release.model_path, release.collection
     serving = registry.current_release(cfg.registry_dir)
-    if serving and Path(serving.model_path) == Path(model_path).resolve() and serving.collection == collection:
+    if serving and serving.model_path == model_path and serving.collection == collection:
         return {"promoted": False, "release_id": serving.release_id, "reason": "already serving this model and index"}
-    candidate = evaluate_task(config, overrides, str(Path(model_path).resolve()), collection)
+    candidate = evaluate_task(config, overrides, model_path, collection)
     current = evaluate_task(config, overrides, serving.model_path, serving.collection) if serving else None
     decision = gate(candidate, current, cfg.evaluate)
     summary = {k: candidate.get(k) for k in FIGURES} | {"metric": cfg.evaluate.metric, "decision": decision.reason}
-    release_id = promote_task(config, overrides, str(Path(model_path).resolve()), collection, summary) \
+    release_id = promote_task(config, overrides, model_path, collection, summary) \
         if decision.promote else (serving.release_id if serving else None)
     create_markdown_artifact(key="tunedex-promotion", description="tunedex evaluate-and-promote decision",
                              markdown=decision_markdown(candidate, current, cfg.evaluate.metric, decision.promote,

@@ -101,15 +101,18 @@ def new_release(model_path: Path, collection: str, embedding_model: str, eval_re
     )
 
 
-def candidate_release(cfg: Any, model_path: Path, collection: str | None = None) -> Release:
-    """A release of `model_path` and `collection` (default: the live collection), not yet recorded:
-    what `tunedex promote` records and `tunedex report --model` / `demo-effect` evaluate."""
+def candidate_release(cfg: Any, model_path: Path, collection: str | None = None,
+                      eval_report: dict | None = None) -> Release:
+    """A release of `model_path` and `collection` (default: the live collection), not yet recorded: what
+    `tunedex promote` and the evaluate-and-promote flow record, and `tunedex report --model` / `demo-effect` evaluate."""
     check_model_dir(model_path)
     if collection is None:
         collection = live_collection(cfg)
         if collection is None:
-            raise RegistryError("no indexed collection yet; run `tunedex index CORPUS` or pass --collection")
-    return new_release(model_path, collection, cfg.embedding.model, consistency_level=cfg.milvus.consistency_level)
+            raise RegistryError("no indexed collection yet; run `tunedex index CORPUS` (or the nightly-reembed flow) "
+                                "or pass --collection")
+    return new_release(model_path, collection, cfg.embedding.model, eval_report=eval_report,
+                       consistency_level=cfg.milvus.consistency_level)
 
 
 def point_live(cfg: Any, client: Any, collection: str) -> None:
