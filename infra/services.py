@@ -15,8 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import psutil
@@ -71,6 +73,25 @@ def _bin(name: str) -> str:
     """A console script of this environment (beside the running interpreter), else from PATH."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+@contextmanager
+def connect_ray(cfg: TunedexConfig, log_to_driver: bool = False) -> Iterator[Any]:
+    """This process connected to the cluster (`ray.address`; inside a Ray job's driver, the job's own cluster);
+    disconnected at the end if this call connected it. Yields the `ray` module. The token settings go into the
+    environment first: Ray reads them once, when it is imported."""
+    os.environ.update(ray_env(cfg))
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # Ray set RAY_ADDRESS for the job's driver
+    ray.init(address=None if in_job else cfg.ray.address, logging_level="WARNING", log_to_driver=log_to_driver)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()  # also flushes the workers' streamed logs
 
 
 def ray_env(cfg: TunedexConfig) -> dict[str, str]:

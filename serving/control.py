@@ -127,18 +127,7 @@ def promote(cfg: TunedexConfig, config: Path | None, overrides: list[str], relea
     if not cfg.ray.address.startswith("ray://") and not services.port_open(cfg.ray.host, cfg.ray.port):
         registry.promote(cfg.registry_dir, release)
         return False
-    import os
-
-    os.environ.update(services.ray_env(cfg))
-    import ray
-
-    connected_here = not ray.is_initialized()
-    if connected_here:
-        ray.init(address=cfg.ray.address, logging_level="WARNING", log_to_driver=False)
-    try:
+    with services.connect_ray(cfg):
         if config is None and endpoint_running():
             raise SwapError("a running endpoint loads the release with its config; pass the config file (-c CONFIG)")
         return switch(cfg, config or Path("."), overrides, release)
-    finally:
-        if connected_here:
-            ray.shutdown()

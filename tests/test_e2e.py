@@ -3,8 +3,6 @@ then the nightly flow on Prefect's local API brings in day 2."""
 
 import json
 import re
-import shutil
-import threading
 import time
 from pathlib import Path
 

@@ -6,8 +6,6 @@ import functools
 import json
 import os
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -211,16 +209,13 @@ def finetune(
     args = list(args or [])
     if args and args[0].endswith((".yaml", ".yml")):
         config = Path(args.pop(0))
-    cfg = setup(config, args)  # before importing ray: it reads the auth settings once
-    import ray
-
+    cfg = setup(config, args)
+    from tunedex.infra.services import connect_ray
     from tunedex.workers.finetune import main
 
-    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # a Ray job's driver: Ray set RAY_ADDRESS for it
-    ray.init(address=None if in_job else cfg.ray.address, logging_level="WARNING", log_to_driver=True)
-    result = main(cfg)
-    ray.shutdown()  # flushes the workers' streamed logs, so the summary line comes last
-    typer.echo(result.summary)
+    with connect_ray(cfg, log_to_driver=True):
+        result = main(cfg)
+    typer.echo(result.summary)  # after the disconnect flushed the workers' logs: the summary comes last
 
 
 @app.command()
@@ -278,16 +273,15 @@ def rollback(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @friendly_errors
 def serve(config: ConfigOpt = None, set_: SetOpt = None, timeout: float = typer.Option(300, help="seconds to wait for ready")) -> None:
     """Deploy the endpoint for the promoted release on the local Ray; print its URL."""
-    cfg = setup(config, set_)  # before importing ray: it reads the auth settings once
-    import ray
-
+    cfg = setup(config, set_)
+    from tunedex.infra.services import connect_ray
     from tunedex.serving import control
 
     path = config_path(config)
     if not path:
         raise ConfigError("`tunedex serve` needs a config file (replicas load it); pass -c configs/local.yaml")
-    ray.init(address=cfg.ray.address, logging_level="WARNING")
-    release = control.start(cfg, path.resolve(), set_ or [], timeout)
+    with connect_ray(cfg):
+        release = control.start(cfg, path.resolve(), set_ or [], timeout)
     typer.echo(f"serving {release.release_id} at {cfg.serve.url}")
     typer.echo(f"try: curl -s {cfg.serve.url}/v1/query -H 'Content-Type: application/json' "
                "-d '{\"question\": \"When is shipping free?\"}'")

@@ -47,10 +47,9 @@ def isolated(cfg: TunedexConfig, out: Path) -> list[str]:
 
 def run(config: Path | None, overrides: list[str], out: Path, echo: Any = print) -> dict[str, Any]:
     """Pretrain the base, fine-tune it on day 1, index day 2, evaluate the four strategies; the report."""
-    import ray
-
     from tunedex.demo_data import write_demo_data
     from tunedex.infra import registry
+    from tunedex.infra.services import connect_ray
     from tunedex.workers import report as report_io
     from tunedex.workers.embed import index_corpus
     from tunedex.workers.evaluate import build_report
@@ -64,8 +63,7 @@ def run(config: Path | None, overrides: list[str], out: Path, echo: Any = print)
 
     demo = write_demo_data(out / "demo-data", chunks=CHUNKS, counterfactuals=COUNTERFACTUALS)
     cfg = step_config(*EVALUATE)
-    ray.init(address=cfg.ray.address, logging_level="WARNING", log_to_driver=True)
-    try:
+    with connect_ray(cfg, log_to_driver=True):
         echo(f"1/4 pretraining the base on reading practice ({demo['reading']})")
         base = finetune(step_config(*BASE, f"finetune.train_file={demo['reading']}"))
         echo(base.summary)
@@ -73,8 +71,6 @@ def run(config: Path | None, overrides: list[str], out: Path, echo: Any = print)
         tuned = finetune(step_config(*FINETUNE, f"finetune.base_model={base.output_dir}",
                                      f"finetune.train_file={demo['train']}"))
         echo(tuned.summary)
-    finally:
-        ray.shutdown()
     echo(f"3/4 indexing day 2 ({demo['day2']})")
     echo(index_corpus(cfg, demo["day2"]).summary)
     release = registry.candidate_release(cfg, Path(tuned.output_dir))

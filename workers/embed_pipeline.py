@@ -30,21 +30,20 @@ class EmbedReplica:
 
 def embed_with_ray(texts: dict[str, str], cfg: TunedexConfig, batch_size: int) -> Iterator[dict[str, list[float]]]:
     """Yield {chunk_id: vector} batches of about `batch_size` as the replicas finish them."""
-    import ray
+    from tunedex.infra.services import connect_ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, logging_level="WARNING", log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the indexer prints its own progress lines
-    items = [{"chunk_id": cid, "text": text} for cid, text in sorted(texts.items(), key=lambda kv: len(kv[1]))]
-    emb = cfg.embedding
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // emb.batch_size)).map_batches(
-        EmbedReplica,
-        fn_constructor_kwargs={"embedding": emb.model_dump(mode="json")},
-        batch_size=emb.batch_size,
-        concurrency=emb.replicas,
-        num_cpus=emb.cpus_per_replica,
-        num_gpus=emb.gpus_per_replica,
-    )
-    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        yield {str(cid): vec.tolist() for cid, vec in zip(batch["chunk_id"], batch["dense"])}
+    with connect_ray(cfg) as ray:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the indexer prints its own progress lines
+        items = [{"chunk_id": cid, "text": text} for cid, text in sorted(texts.items(), key=lambda kv: len(kv[1]))]
+        emb = cfg.embedding
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // emb.batch_size)).map_batches(
+            EmbedReplica,
+            fn_constructor_kwargs={"embedding": emb.model_dump(mode="json")},
+            batch_size=emb.batch_size,
+            concurrency=emb.replicas,
+            num_cpus=emb.cpus_per_replica,
+            num_gpus=emb.gpus_per_replica,
+        )
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            yield {str(cid): vec.tolist() for cid, vec in zip(batch["chunk_id"], batch["dense"])}
