@@ -3,7 +3,9 @@
 `make_api(backend, settings)` builds the FastAPI app. The routes read the release being served once per request
 (`backend.current()`) and call it through `ServedRelease`; `app.py` implements both over Ray Serve handles, a
 test with a plain Python class. Every refusal is an OpenAI-style JSON error (`{"error": {message, type, param,
-code}}`), bodies included that are not JSON, not UTF-8, nested too deep or of the wrong shape.
+code}}`), bodies included that are not JSON, not UTF-8, nested too deep or of the wrong shape. Responses are
+built with the `openai` package's response types; requests are validated by our own strict models (the
+package's request params are TypedDicts, which validate nothing), so each bad field gets its own 4xx.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from datetime import datetime
 from typing import Annotated, Any, AsyncIterator, Callable, Literal, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
+from openai.types import Completion as TextCompletion
+from openai.types import CompletionChoice, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice as ChatChoice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from fastapi.responses import Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
@@ -190,23 +198,29 @@ def body_problem(exc: ValidationError) -> Problem:
 
 def model_card(release: dict[str, Any]) -> dict[str, Any]:
     created = int(datetime.fromisoformat(release["created_at"]).timestamp())
-    return {"id": release["release_id"], "object": "model", "created": created, "owned_by": "tunedex"}
+    return Model(id=release["release_id"], object="model", created=created, owned_by="tunedex").model_dump(exclude_unset=True)
 
 
 def completion_object(kind: str, completion_id: str, model: str, text: str | None, chunk: bool,
                       finish: str | None = "stop", **extra: Any) -> dict[str, Any]:
-    """An OpenAI chat or text completion, or one chunk of its stream (`text=None`: the opening chunk)."""
+    """An OpenAI chat or text completion, or one chunk of its stream (`text=None`: the opening chunk), built
+    with the `openai` package's own response types, so the shape is the one its client parses; extra fields
+    (`sources`, `release_id`) ride along, as those types allow."""
+    head = {"id": completion_id, "created": int(time.time()), "model": model, **extra}
     if kind == "text":
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        obj = "text_completion"
+        # a streamed text chunk's finish_reason is null until the last one, which the type cannot say
+        choices = [CompletionChoice(**choice) if finish else CompletionChoice.model_construct(**choice)]
+        out: Any = TextCompletion(object="text_completion", choices=choices, **head)
     elif chunk:
-        delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
-        choice, obj = {"index": 0, "delta": delta, "finish_reason": finish}, "chat.completion.chunk"
+        delta = ChoiceDelta(role="assistant", content="") if text is None else (
+            ChoiceDelta(content=text) if text else ChoiceDelta())
+        out = ChatCompletionChunk(object="chat.completion.chunk", choices=[
+            ChunkChoice(index=0, delta=delta, finish_reason=finish)], **head)
     else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        obj = "chat.completion"
-    return {"id": completion_id, "object": obj, "created": int(time.time()), "model": model,
-            "choices": [choice], **extra}
+        out = ChatCompletion(object="chat.completion", choices=[ChatChoice(
+            index=0, message=ChatCompletionMessage(role="assistant", content=text), finish_reason=finish)], **head)
+    return out.model_dump(exclude_unset=True)
 
 
 async def sse_events(kind: str, completion_id: str, head: Completion, pieces: AsyncIterator[str]):
