@@ -14,34 +14,38 @@ HEARTBEAT_SECONDS = 31
 # expires: Prefect's default is 300 s; 60 s is its minimum and ample for `tunedex worker` to start a process.
 SLOT_GRACE_SECONDS = 60
 CRASH_DETECTION = "tunedex: crash runs that stopped heartbeating"
+CORPUS_CHANGED = "tunedex.corpus.changed"  # the event that starts a nightly-reembed run now
 
 
 def flows() -> dict[str, Callable[..., Any]]:
     from tunedex.flows.finetune import finetune
     from tunedex.flows.promote import evaluate_and_promote
     from tunedex.flows.refresh import refresh
-    from tunedex.flows.reembed import nightly_reembed
+    from tunedex.flows.reembed import corpus_watch, nightly_reembed
 
     return {"nightly-reembed": nightly_reembed, "finetune": finetune, "evaluate-and-promote": evaluate_and_promote,
-            "refresh": refresh}
+            "refresh": refresh, "corpus-watch": corpus_watch}
 
 
 def deployments(cfg: TunedexConfig, config: str, overrides: list[str]) -> list[Any]:
     """One deployment per flow, named like the flow; overlapping runs of one deployment are cancelled
     (`CANCEL_NEW`): the run already going does the work."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
     limit = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW,
                                    grace_period_seconds=SLOT_GRACE_SECONDS)
     crons = {"nightly-reembed": cfg.prefect.reembed_cron, "refresh": cfg.prefect.refresh_cron}
+    # a corpus that lives elsewhere: post CORPUS_CHANGED (a Prefect webhook, `prefect event emit`) to re-embed now
+    triggers = {"nightly-reembed": [DeploymentEventTrigger(expect={CORPUS_CHANGED})]}
     out = []
     for name, fn in flows().items():
         cron = crons.get(name)
         out.append(fn.to_deployment(
             name=name, parameters={"config": config, "overrides": overrides}, concurrency_limit=limit,
             schedules=[Cron(cron, timezone=cfg.prefect.timezone)] if cron else None, tags=["tunedex"],
-            work_pool_name=cfg.prefect.work_pool,
+            work_pool_name=cfg.prefect.work_pool, triggers=triggers.get(name),
         ))
     return out
 

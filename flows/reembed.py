@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -12,8 +13,6 @@ from tunedex.flows.common import flow_config, transient
 
 @task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=transient)
 def index_task(config: str | None, corpus: str | None, overrides: list[str]) -> dict:
-    from dataclasses import asdict
-
     from tunedex.workers.embed import index_corpus
 
     cfg = flow_config(config, overrides)
@@ -40,3 +39,24 @@ def nightly_reembed(config: str | None = None, corpus: str | None = None, overri
     create_markdown_artifact(key="tunedex-index-stats", markdown=report_markdown(report),
                              description="tunedex nightly re-embed figures")
     return report
+
+
+@flow(name="corpus-watch", log_prints=True)
+def corpus_watch(config: str | None = None, corpus: str | None = None, overrides: list[str] | None = None,
+                 poll: bool = False, debounce_s: float = 1.0) -> None:
+    """`tunedex watch` as a long-running deployment: index the corpus now and after each settled change,
+    each pass logged and kept as an artifact (cancel the run to stop it). Polling for network volumes."""
+    from tunedex.workers.watch import watch_corpus
+
+    cfg = flow_config(config, overrides or [])
+    root = Path(corpus) if corpus else cfg.corpus.path
+    if root is None:
+        raise ValueError("no corpus: pass corpus=PATH or set corpus.path in the config")
+    logger = get_run_logger()
+
+    def on_pass(report, why: str) -> None:
+        logger.info("pass after %s: %s", why, report.summary)
+        create_markdown_artifact(key="tunedex-index-stats", markdown=report_markdown(asdict(report)),
+                                 description=f"tunedex corpus-watch pass after {why}")
+
+    watch_corpus(cfg, root, on_pass, debounce_s=debounce_s, poll=poll)

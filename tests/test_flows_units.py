@@ -74,7 +74,7 @@ def test_bad_qa_sets_are_reported_by_line(tmp_path):
 
 
 def test_prefect_yaml_matches_the_flows_tunedex_schedules():
-    from tunedex.flows.deploy import flows
+    from tunedex.flows.deploy import CORPUS_CHANGED, flows
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     known = flows()
@@ -86,5 +86,6 @@ def test_prefect_yaml_matches_the_flows_tunedex_schedules():
         fn = getattr(importlib.import_module(module), attr)
         assert fn.name == d["name"] and fn is known[d["name"]]
         assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    assert spec["deployments"][0]["triggers"][0]["expect"] == [CORPUS_CHANGED]  # the re-embed on an event
     nightly = spec["deployments"][0]["schedules"][0]
     assert (nightly["cron"], nightly["timezone"]) == (TunedexConfig().prefect.reembed_cron, TunedexConfig().prefect.timezone)

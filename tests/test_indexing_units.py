@@ -227,3 +227,30 @@ def test_sources_skip_bad_files_with_reasons(tmp_path: Path):
 def test_missing_corpus_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="pass the corpus root"):
         load_documents(tmp_path / "nope", CorpusConfig())
+
+
+def test_index_lock_lets_one_pass_at_a_time_and_the_next_one_waits(tmp_path):
+    import threading
+
+    from tunedex.infra.config import load_config
+    from tunedex.workers.embed import index_lock
+
+    cfg = load_config(None, [f"data_dir={tmp_path}"])
+    order: list[str] = []
+    entered = threading.Event()
+
+    def second() -> None:
+        with index_lock(cfg, "docs__m"):
+            order.append("second")
+            entered.set()
+
+    with index_lock(cfg, "docs__m"):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not entered.wait(1.0)  # held here: the second pass waits
+        with index_lock(cfg, "other__m"):  # another collection is not held up
+            order.append("other")
+        order.append("first done")
+    waiter.join(timeout=60)
+    assert order == ["other", "first done", "second"]
+    assert (tmp_path / "locks" / "docs__m.lock").exists()

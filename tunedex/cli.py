@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -29,7 +30,7 @@ ConfigOpt = Annotated[
 ]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a key, e.g. --set serve.port=8001")]
 
-FLOWS = ("nightly-reembed", "finetune", "evaluate-and-promote", "refresh")
+FLOWS = ("nightly-reembed", "finetune", "evaluate-and-promote", "refresh", "corpus-watch")
 
 
 def config_path(path: Path | None) -> Path | None:
@@ -199,6 +200,30 @@ def index(
         raise typer.Exit(1)
 
 
+@app.command()
+@friendly_errors
+def watch(
+    corpus: Annotated[Optional[Path], typer.Argument(help="corpus root (default: corpus.path)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    poll: bool = typer.Option(False, "--poll", help="poll for changes instead of inotify (network volumes)"),
+    debounce: float = typer.Option(1.0, help="seconds without a change before a pass starts"),
+) -> None:
+    """Keep the index fresh: index CORPUS now, then again after each change settles (Ctrl-C stops)."""
+    from tunedex.workers.watch import watch_corpus
+
+    cfg = setup(config, set_)
+    root = corpus or cfg.corpus.path
+    if root is None:
+        raise ConfigError("no corpus: pass `tunedex watch PATH` or set corpus.path in the config")
+
+    def report(result: Any, why: str) -> None:
+        typer.echo(f"{time.strftime('%H:%M:%S')} pass after {why}: {result.summary}")
+
+    typer.echo(f"watching {root} ({'polling' if poll else 'inotify'}, debounce {debounce:g} s); Ctrl-C stops")
+    watch_corpus(cfg, Path(root), report, debounce_s=debounce, poll=poll)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 @friendly_errors
 def finetune(
@@ -326,7 +351,7 @@ def flows_run(
     name: str,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    corpus: Optional[Path] = typer.Option(None, help="corpus root for nightly-reembed and refresh (default: corpus.path)"),
+    corpus: Optional[Path] = typer.Option(None, help="corpus root for nightly-reembed, refresh and corpus-watch (default: corpus.path)"),
     model: Optional[Path] = typer.Option(None, help="candidate model dir for evaluate-and-promote (default: newest)"),
 ) -> None:
     """Run flow NAME once, now, on the configured Prefect API (a local ephemeral one by default); print its
@@ -341,7 +366,7 @@ def flows_run(
     params: dict[str, Any] = {"config": str(path.resolve()) if path else None, "overrides": set_ or []}
     if name in ("finetune", "evaluate-and-promote", "refresh") and path is None:
         raise ConfigError(f"flow {name} hands its config to other processes; pass -c CONFIG")
-    if name in ("nightly-reembed", "refresh"):
+    if name in ("nightly-reembed", "refresh", "corpus-watch"):
         params["corpus"] = str(corpus.resolve()) if corpus else None
     if name == "evaluate-and-promote":
         params["model"] = str(model.resolve()) if model else None

@@ -24,10 +24,12 @@ stored, and documents that could not be read keep their stored chunks.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import time
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -199,6 +201,9 @@ def _read_chunks(
     return stored_chunks[doc_id]
 
 
+_EMBEDDERS: dict[str, Any] = {}
+
+
 def vector_batches(texts: dict[str, str], cfg: TunedexConfig) -> Iterator[dict[str, list[float]]]:
     """{chunk_id: vector} batches: in this process, or on a Ray Data replica pool (`embedding.replicas`)."""
     size = cfg.milvus.write_batch_size
@@ -207,7 +212,10 @@ def vector_batches(texts: dict[str, str], cfg: TunedexConfig) -> Iterator[dict[s
 
         yield from embed_with_ray(texts, cfg, size)
         return
-    embedder = load_embedder(cfg.embedding)
+    key = cfg.embedding.model_dump_json()
+    if key not in _EMBEDDERS:  # kept for the process: a long-lived indexer (`tunedex watch`, a flow worker) loads it once
+        _EMBEDDERS[key] = load_embedder(cfg.embedding)
+    embedder = _EMBEDDERS[key]
     ordered = sorted(texts, key=lambda cid: len(texts[cid]))  # similar lengths share a batch: less padding
     for start in range(0, len(ordered), size):
         ids = ordered[start : start + size]
@@ -288,7 +296,30 @@ def retire_collections(client: Any, cfg: TunedexConfig, live: str) -> list[str]:
 
 
 def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False, client: Any = None) -> IndexReport:
-    """One incremental run. `client`: a MilvusClient to write through (left open); else one of its own."""
+    """One incremental run. `client`: a MilvusClient to write through (left open); else one of its own.
+    Runs under the collection's index lock: `tunedex index`, the nightly flow and `tunedex watch` never write
+    one collection at once (a dry run reads only and takes no lock)."""
+    name = store.collection_name(cfg.milvus, slug(cfg.embedding.model))
+    with nullcontext() if dry_run else index_lock(cfg, name):
+        return _index_pass(cfg, root, name, dry_run, client)
+
+
+@contextmanager
+def index_lock(cfg: TunedexConfig, name: str) -> Iterator[None]:
+    """An exclusive lock on `<data_dir>/locks/<collection>.lock`, waited for when another pass holds it. The
+    kernel drops it when its holder exits, killed included, so a crashed pass never leaves it behind."""
+    path = cfg.data_dir / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another index pass on %s is running (%s); waiting for it", name, path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _index_pass(cfg: TunedexConfig, root: Path, name: str, dry_run: bool, client: Any) -> IndexReport:
     started = time.monotonic()
     docs, skipped = load_documents(root, cfg.corpus)
     tokenizer, max_tokens = load_tokenizer(cfg.embedding)
@@ -296,7 +327,6 @@ def index_corpus(cfg: TunedexConfig, root: Path, dry_run: bool = False, client: 
     overlap = min(cfg.chunking.chunk_overlap, size - 1)
     own_client = client is None
     client = store.connect(cfg.milvus) if own_client else client
-    name = store.collection_name(cfg.milvus, slug(cfg.embedding.model))
     exists = client.has_collection(name)
     if exists:
         client.load_collection(name)
