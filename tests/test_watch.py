@@ -17,7 +17,8 @@ import pytest
 
 from conftest import run_cli
 
-pytestmark = pytest.mark.slow
+# the first test to use `pipeline` pays for its set-up (index, fine-tune, vLLM serve) within its timeout
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 AUTH = {"Authorization": "Bearer test-key-123"}
 
