@@ -88,7 +88,7 @@ def test_watch_brings_an_edit_and_a_delete_to_the_endpoint(pipeline, demo, tmp_p
                          names[deleted]):
             assert doc_deleted not in [s["doc_id"] for s in ask(cfg.serve.url, question)["sources"]], question
     finally:
-        watcher.proc.send_signal(signal.SIGINT)  # Ctrl-C
+        watcher.proc.send_signal(signal.SIGTERM)  # as Kubernetes stops a pod; Ctrl-C (SIGINT) does the same
         try:
             rc = watcher.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -220,8 +222,14 @@ def watch(
     def report(result: Any, why: str) -> None:
         typer.echo(f"{time.strftime('%H:%M:%S')} pass after {why}: {result.summary}")
 
+    # Ctrl-C or SIGTERM (a pod stopping) ends the watch after the pass under way; handlers set here also
+    # work where SIGINT was inherited as ignored (a process started in the background)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     typer.echo(f"watching {root} ({'polling' if poll else 'inotify'}, debounce {debounce:g} s); Ctrl-C stops")
-    watch_corpus(cfg, Path(root), report, debounce_s=debounce, poll=poll)
+    watch_corpus(cfg, Path(root), report, debounce_s=debounce, poll=poll, stop=stop)
+    typer.echo("stopped")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
