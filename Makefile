@@ -68,9 +68,9 @@ define pytest
 	if [ $$rc -eq 5 ]; then echo "make $@: pytest collected no tests (exit 5)"; exit 1; fi; exit $$rc
 endef
 
-# `make test` leaves out the soak runs and the demo-effect run; CI passes TEST_MARKS="not scenario and not effect",
-# as `make reliability` and `make test-effect` run those.
-TEST_MARKS ?= not soak and not effect
+# `make test` runs the unit and end-to-end tests (~25 min on 2 cores); `make reliability` the scenarios and
+# `make test-effect` the demo-effect run. CI (.ci/run) passes TEST_MARKS="not effect": all but demo-effect, one session.
+TEST_MARKS ?= not scenario and not effect
 
 test: install
 	$(call pytest,-m "$(TEST_MARKS)")
