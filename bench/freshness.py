@@ -131,7 +131,9 @@ def main() -> None:
             watcher = subprocess.Popen([str(Path(sys.executable).parent / "tunedex"), "watch", str(corpus), "-c",
                                         str(path), "--debounce", str(args.debounce)], cwd=tmp,
                                        stdout=open(tmp / "watch.log", "w"), stderr=subprocess.STDOUT)
-            time.sleep(5)  # its start-up pass finds nothing to do
+            while "pass after start" not in (tmp / "watch.log").read_text():  # watching, and caught up
+                assert watcher.poll() is None, (tmp / "watch.log").read_text()
+                time.sleep(0.5)
             load = Load(cfg.serve.url, questions, args.clients)
             url, rng = cfg.serve.url, random.Random(0)
             edits, deletes, adds = [], [], []

@@ -32,12 +32,16 @@ def watch_corpus(cfg: TunedexConfig, root: Path, on_pass: OnPass, debounce_s: fl
 
     if not root.is_dir():
         raise TunedexError(f"corpus {root} is not a directory; pass the corpus root to `tunedex watch`")
-    failed_at = run_pass(cfg, root, on_pass, "start")
+    # The generator wakes every second with an empty set when nothing changed; the start pass runs on its
+    # first wake-up, once the watch is in place, so a change made while that pass runs is seen, not lost.
     changes = watchfiles.watch(root, debounce=int(debounce_s * 1000), stop_event=stop, force_polling=poll or None,
-                               poll_delay_ms=max(100, int(debounce_s * 500)), rust_timeout=int(retry_s * 1000),
+                               poll_delay_ms=max(100, int(debounce_s * 500)), rust_timeout=1000,
                                yield_on_timeout=True, raise_interrupt=False)
+    started, failed_at = False, None
     for changed in changes:
-        if changed:
+        if not started:
+            started, failed_at = True, run_pass(cfg, root, on_pass, "start")
+        elif changed:
             failed_at = run_pass(cfg, root, on_pass, f"{len(changed)} change(s)")
         elif failed_at is not None and time.monotonic() - failed_at >= retry_s:
             failed_at = run_pass(cfg, root, on_pass, "retry")
