@@ -96,11 +96,8 @@ def main() -> None:
         steps = max(10, round(base["non_pad_tokens"] / per_step))
         services.start_ray(cfg)
         try:
-            import ray
-
-            ray.init(address=cfg.ray.address, logging_level="ERROR", log_to_driver=False)
-            runs = {stage: ours(cfg, stage, steps, f"bench-{stage}") for stage in ("zero2", "zero0", "zero3")}
-            ray.shutdown()
+            with services.connect_ray(cfg):
+                runs = {stage: ours(cfg, stage, steps, f"bench-{stage}") for stage in ("zero2", "zero0", "zero3")}
         finally:
             services.stop_ray(cfg)
     result = {

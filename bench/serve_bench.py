@@ -317,29 +317,27 @@ def main() -> None:
             offline = vllm_offline(model, rendered_prompts(model, questions[:16]), args.new_tokens, args.reps)
         services.up(cfg)
         try:
-            import ray
-
             from tunedex.serving import control
             from tunedex.workers.embed import index_corpus
 
             index_corpus(cfg, demo["day1"])
             collection = registry.live_collection(cfg)
-            ray.init(address=cfg.ray.address, logging_level="WARNING", log_to_driver=False)
-            first = new_release(cfg, model, collection)
-            registry.promote(cfg.registry_dir, first)
-            control.start(cfg, path, [])
-            if "endpoint" in phases:
-                results["endpoint"] = phase_endpoint(cfg, questions, offline, args.reps)
-                print("endpoint", results["endpoint"], flush=True)
-            if "ttft" in phases:
-                results["ttft"] = phase_ttft(cfg, questions)
-                print("ttft", results["ttft"], flush=True)
-            if "overhead" in phases:
-                results["overhead"] = phase_overhead(cfg, path, model, collection, questions, args.reps)
-                print("overhead", results["overhead"], flush=True)
-            if "swap" in phases:
-                results["swap"] = phase_swap(cfg, path, model, collection, questions, tmp)
-                print("swap", results["swap"], flush=True)
+            with services.connect_ray(cfg):
+                first = new_release(cfg, model, collection)
+                registry.promote(cfg.registry_dir, first)
+                control.start(cfg, path, [])
+                if "endpoint" in phases:
+                    results["endpoint"] = phase_endpoint(cfg, questions, offline, args.reps)
+                    print("endpoint", results["endpoint"], flush=True)
+                if "ttft" in phases:
+                    results["ttft"] = phase_ttft(cfg, questions)
+                    print("ttft", results["ttft"], flush=True)
+                if "overhead" in phases:
+                    results["overhead"] = phase_overhead(cfg, path, model, collection, questions, args.reps)
+                    print("overhead", results["overhead"], flush=True)
+                if "swap" in phases:
+                    results["swap"] = phase_swap(cfg, path, model, collection, questions, tmp)
+                    print("swap", results["swap"], flush=True)
         finally:
             services.down(cfg)
     out = REPO / "bench" / "results" / f"serve_bench_{args.size}.json"

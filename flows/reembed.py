@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -16,9 +15,7 @@ def index_task(config: str | None, corpus: str | None, overrides: list[str]) -> 
     from tunedex.workers.embed import index_corpus
 
     cfg = flow_config(config, overrides)
-    root = Path(corpus) if corpus else cfg.corpus.path
-    if root is None:
-        raise ValueError("no corpus: pass corpus=PATH or set corpus.path in the config")
+    root = cfg.corpus_root(corpus, "corpus=PATH")
     report = index_corpus(cfg, root)
     get_run_logger().info(report.summary)
     return asdict(report)
@@ -49,9 +46,7 @@ def corpus_watch(config: str | None = None, corpus: str | None = None, overrides
     from tunedex.workers.watch import watch_corpus
 
     cfg = flow_config(config, overrides or [])
-    root = Path(corpus) if corpus else cfg.corpus.path
-    if root is None:
-        raise ValueError("no corpus: pass corpus=PATH or set corpus.path in the config")
+    root = cfg.corpus_root(corpus, "corpus=PATH")
     logger = get_run_logger()
 
     def on_pass(report, why: str) -> None:

@@ -359,6 +359,14 @@ class TunedexConfig(Section):
     def registry_dir(self) -> Path:
         return self.data_dir / "registry"
 
+    def corpus_root(self, given: str | Path | None, how: str) -> Path:
+        """The corpus a command indexes: `given`, else corpus.path; `how` says how to pass one (e.g.
+        "`tunedex index PATH`") in the error when neither is set."""
+        root = Path(given) if given else self.corpus.path
+        if root is None:
+            raise ConfigError(f"no corpus: pass {how} or set corpus.path in the config")
+        return root
+
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 from tunedex.infra import registry
 from tunedex.infra.config import TunedexConfig
@@ -25,6 +26,11 @@ INGRESS_APP = "tunedex"
 log = logging.getLogger(__name__)
 
 
+# What a promotion did: recorded it in the registry only (no endpoint up), switched the endpoint to a release
+# still loaded (a rollback inside the retire window), or loaded the release and then switched.
+Swap = Literal["registry", "warm", "loaded"]
+
+
 class SwapError(TunedexError, RuntimeError):
     """A release could not be brought up; the one being served is unchanged."""
 
@@ -33,21 +39,25 @@ def applications() -> dict[str, str]:
     """Serve application name -> status, on the connected cluster."""
     from ray import serve
 
-    return {name: str(app.status) for name, app in serve.status().applications.items()}
+    from ray.serve.schema import ApplicationStatus
+
+    # ApplicationStatus is a (str, Enum): its str() is "ApplicationStatus.RUNNING", its value "RUNNING"
+    return {name: ApplicationStatus(app.status).value for name, app in serve.status().applications.items()}
 
 
 def endpoint_running() -> bool:
     return INGRESS_APP in applications()
 
 
-def deploy_release(config: Path, overrides: list[str], release: Release) -> None:
-    """Bring `release` up beside whatever is serving; return when it is RUNNING."""
+def deploy_release(config: Path, overrides: list[str], release: Release) -> bool:
+    """Bring `release` up beside whatever is serving; return when it is RUNNING, and whether it had to be
+    loaded (False: it was still loaded, e.g. the release a rollback goes back to)."""
     from ray import serve
 
     from tunedex.serving.app import ReleaseArgs, build_release_app
 
     if applications().get(release.release_id) == "RUNNING":
-        return
+        return False
     registry.check_model_dir(Path(release.model_path))
     args = ReleaseArgs(config=str(config), overrides=overrides, release_id=release.release_id)
     try:
@@ -57,6 +67,7 @@ def deploy_release(config: Path, overrides: list[str], release: Release) -> None
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise SwapError(f"release {release.release_id} failed to start ({reason}); "
                         "nothing changed, the serving release keeps serving (see `serve status` and the Serve logs)") from None
+    return True
 
 
 def retire(keep: set[str]) -> list[str]:
@@ -102,31 +113,30 @@ def start(cfg: TunedexConfig, config: Path, overrides: list[str], timeout: float
     return release
 
 
-def switch(cfg: TunedexConfig, config: Path, overrides: list[str], release: Release) -> bool:
-    """Make `release` the promoted one; with the endpoint up, it is loaded first and served when ready.
-    Returns whether a running endpoint switched."""
+def switch(cfg: TunedexConfig, config: Path, overrides: list[str], release: Release) -> Swap:
+    """Make `release` the promoted one; with the endpoint up, it is loaded first (unless it still is) and
+    served when ready."""
     if not endpoint_running():
         registry.promote(cfg.registry_dir, release)
-        return False
+        return "registry"
     serving = registry.current_release(cfg.registry_dir)
     keep = {release.release_id} | ({serving.release_id} if serving else set())
     retired = retire(keep)  # room for the new one: only the serving release (and the target if loaded) stay
     if retired:
         log.info("retired %s", ", ".join(retired))
-    deploy_release(config, overrides, release)
+    loaded = deploy_release(config, overrides, release)
     registry.promote(cfg.registry_dir, release)
     wait_serving(cfg, release.release_id)
-    return True
+    return "loaded" if loaded else "warm"
 
 
-def promote(cfg: TunedexConfig, config: Path | None, overrides: list[str], release: Release) -> bool:
-    """Make `release` the promoted one: registry only when no Ray (so no endpoint) is up, else `switch`.
-    Returns whether a running endpoint switched."""
+def promote(cfg: TunedexConfig, config: Path | None, overrides: list[str], release: Release) -> Swap:
+    """Make `release` the promoted one: registry only when no Ray (so no endpoint) is up, else `switch`."""
     from tunedex.infra import services
 
     if not cfg.ray.address.startswith("ray://") and not services.port_open(cfg.ray.host, cfg.ray.port):
         registry.promote(cfg.registry_dir, release)
-        return False
+        return "registry"
     with services.connect_ray(cfg):
         if config is None and endpoint_running():
             raise SwapError("a running endpoint loads the release with its config; pass the config file (-c CONFIG)")

@@ -77,6 +77,17 @@ def test_overrides_and_empty_file(tmp_path):
         load_config(None, ["finetune.max_stepz=3"])
 
 
+def test_the_corpus_comes_from_the_command_or_the_config_and_neither_names_both_fixes(tmp_path):
+    cfg = load_config(None, [])
+    assert cfg.corpus.path is None
+    with pytest.raises(ConfigError, match=r"no corpus: pass `tunedex index PATH` or set corpus.path"):
+        cfg.corpus_root(None, "`tunedex index PATH`")
+    assert cfg.corpus_root(str(tmp_path), "x") == tmp_path
+    configured = load_config(None, [f"corpus.path={tmp_path / 'docs'}"])
+    assert configured.corpus_root(None, "x") == tmp_path / "docs"
+    assert configured.corpus_root(tmp_path, "x") == tmp_path  # the command's own wins
+
+
 def _keys(model, prefix=""):
     from pydantic import BaseModel
 

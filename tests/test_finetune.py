@@ -32,8 +32,11 @@ def finetune(stack, *overrides, check=True):
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_zero_stages_train_to_the_recorded_loss(stack, stage):
-    m = summary(finetune(stack, f"finetune.deepspeed={stage}", f"finetune.ray.run_name=rec-{stage}"))
+def test_zero_stages_train_to_the_recorded_loss(request, stack, stage):
+    # ZeRO-2 is the config's own: the README pipeline's fine-tune (tests/conftest.py, 30 steps) is that run
+    proc = (request.getfixturevalue("pipeline")["finetune"] if stage == "zero2" else
+            finetune(stack, f"finetune.deepspeed={stage}", f"finetune.ray.run_name=rec-{stage}"))
+    m = summary(proc)
     assert m.group(2) == "30"
     assert abs(float(m.group(5)) - RECORDED["final_loss"]) < BAND, m.group(0)
     assert abs(float(m.group(6)) - RECORDED["eval_loss"]) < BAND, m.group(0)
@@ -43,14 +46,14 @@ def test_zero_stages_train_to_the_recorded_loss(stack, stage):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"] and not list(out.glob("*.bin"))
 
 
-def test_resubmitting_a_finished_run_returns_it_and_a_changed_one_is_refused(stack):
-    first = summary(finetune(stack, "finetune.ray.run_name=twice", "finetune.max_steps=10"))
+def test_resubmitting_a_finished_run_returns_it_and_a_changed_one_is_refused(stack, pipeline):
+    first = summary(pipeline["finetune"])  # the README pipeline's run, resubmitted by its name
     weights = Path(first.group(7)) / "model.safetensors"
     written = weights.stat().st_mtime_ns
-    again = summary(finetune(stack, "finetune.ray.run_name=twice", "finetune.max_steps=10"))
+    again = summary(finetune(stack, f"finetune.ray.run_name={first.group(1)}", "finetune.max_steps=30"))
     assert again.group(0) == first.group(0)
     assert weights.stat().st_mtime_ns == written  # returned, not trained and exported again
-    changed = finetune(stack, "finetune.ray.run_name=twice", "finetune.max_steps=12", check=False)
+    changed = finetune(stack, f"finetune.ray.run_name={first.group(1)}", "finetune.max_steps=12", check=False)
     assert changed.returncode == 1 and "already finished" in changed.stderr and "run_name" in changed.stderr
 
 

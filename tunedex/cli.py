@@ -191,9 +191,7 @@ def index(
     from tunedex.workers.embed import index_corpus
 
     cfg = setup(config, set_)
-    root = corpus or cfg.corpus.path
-    if root is None:
-        raise ConfigError("no corpus: pass `tunedex index PATH` or set corpus.path in the config")
+    root = cfg.corpus_root(corpus, "`tunedex index PATH`")
     report = index_corpus(cfg, root, dry_run=dry_run)
     for s in report.skipped:
         typer.echo(f"skipped {s['doc_id']}: {s['reason']}", err=True)
@@ -215,9 +213,7 @@ def watch(
     from tunedex.workers.watch import watch_corpus
 
     cfg = setup(config, set_)
-    root = corpus or cfg.corpus.path
-    if root is None:
-        raise ConfigError("no corpus: pass `tunedex watch PATH` or set corpus.path in the config")
+    root = cfg.corpus_root(corpus, "`tunedex watch PATH`")
 
     def report(result: Any, why: str) -> None:
         typer.echo(f"{time.strftime('%H:%M:%S')} pass after {why}: {result.summary}")
@@ -269,12 +265,17 @@ def promote(
     else:
         release = registry.candidate_release(cfg, model or newest_model(cfg), collection)
         registry.save_release(cfg.registry_dir, release)
-    swapped = promote_release(cfg, config, set_, release)
+    swap = promote_release(cfg, config, set_, release)
     typer.echo(f"promoted {release.release_id}: model {release.model_path}, collection {release.collection}"
-               + (" (the endpoint now serves it)" if swapped else ""))
+               + SWAPPED[swap])
 
 
-def promote_release(cfg: TunedexConfig, config: Path | None, overrides: list[str] | None, release: Any) -> bool:
+# what `promote` and `rollback` add to their line, by what the promotion did (serving.control.Swap)
+SWAPPED = {"registry": "", "warm": " (the endpoint now serves it; it was still loaded)",
+           "loaded": " (the endpoint now serves it)"}
+
+
+def promote_release(cfg: TunedexConfig, config: Path | None, overrides: list[str] | None, release: Any) -> str:
     from tunedex.serving.control import promote
 
     path = config_path(config)
@@ -298,8 +299,8 @@ def rollback(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     cfg = setup(config, set_)
     release = previous_release(cfg.registry_dir)
-    promote_release(cfg, config, set_, release)
-    typer.echo(f"rolled back to {release.release_id}")
+    swap = promote_release(cfg, config, set_, release)
+    typer.echo(f"rolled back to {release.release_id}" + SWAPPED[swap])
 
 
 @app.command()

@@ -21,7 +21,7 @@ from conftest import embedding_model_copy, run_cli
 from tunedex.infra import registry, store
 from tunedex.infra.config import load_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.scenario(
+pytestmark = [pytest.mark.slow, pytest.mark.soak, pytest.mark.scenario(
     "S5", "a shadow collection from another embedding model; alias moved to it and back, a release on it "
           "promoted and rolled back, under 4 query clients throughout")]
 

@@ -58,6 +58,7 @@ def wait_for_job(client, job_id: str, timeout: float = 120) -> str:
     return status
 
 
+@pytest.mark.soak
 @pytest.mark.scenario(S7, "(a) SIGKILL the Ray job's entrypoint (the Train driver) after checkpoint #2, resubmit the same run name")
 def test_a_killed_driver_resumes_when_the_same_run_is_submitted_again(stack, record_property):
     path, cfg = stack

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ray_rss_mb, run_cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.scenario(
+pytestmark = [pytest.mark.slow, pytest.mark.soak, pytest.mark.scenario(
     "S9", "Generator and Release max_ongoing_requests=2, max_queued_requests=4; 64 simultaneous requests, then "
           "16 streams abandoned mid-answer")]
 
