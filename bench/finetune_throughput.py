@@ -80,12 +80,12 @@ def main() -> None:
             "finetune.eval_ratio=0", "finetune.save_steps=100000", "finetune.logging_steps=100000",
         ])
         os.environ.update(services.ray_env(cfg))  # before anything imports ray: it reads these once
-        from tunedex.workers import finetune as ft
+        from tunedex.workers import base_model as bm
         from tunedex.workers import sft_data
 
         rows = sft_data.load_examples(demo["train"])
-        tokenizer = ft.prepare_tokenizer(cfg.finetune, rows)
-        spec = ft.model_spec(cfg.finetune, tokenizer)
+        tokenizer = bm.prepare_tokenizer(cfg.finetune, rows)
+        spec = bm.model_spec(cfg.finetune, tokenizer)
         base = baseline(demo["train"], tokenizer, spec, cfg.finetune.max_length, args.epochs, tmp / "hf")
 
         # same number of non-pad tokens for our job: steps x (workers x micro-batch) packed sequences

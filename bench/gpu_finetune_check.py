@@ -51,7 +51,7 @@ def main(out: Path, smoke: bool) -> None:
     dist.init_process_group("gloo" if smoke else "nccl")
     from tunedex.demo_data import write_demo_data
     from tunedex.infra.config import FinetuneConfig
-    from tunedex.workers import finetune as ft
+    from tunedex.workers import base_model as bm, finetune as ft
     from tunedex.workers import sft_data
 
     tmp = Path(tempfile.mkdtemp())
@@ -66,7 +66,7 @@ def main(out: Path, smoke: bool) -> None:
         small = base.tiny.model_copy(update={"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000})
         base = base.model_copy(update={"tiny": small, "max_length": 256, "max_steps": 6, "save_steps": 3,
                                        "eval_steps": 3, "warmup_steps": 2})
-    tokenizer = ft.prepare_tokenizer(base, rows)
+    tokenizer = bm.prepare_tokenizer(base, rows)
     examples, stats = sft_data.prepare(rows, tokenizer, base.max_length, True, "truncate")
     train, held_out = sft_data.split(examples, base.eval_ratio, 0)
     train_seqs, eval_seqs = sft_data.pack(train, base.max_length), sft_data.pack(held_out, base.max_length)

@@ -53,10 +53,10 @@ def write_config(root: Path, new_tokens: int) -> Path:
 
 def build_model(out: Path, texts: list[str], shape: dict[str, int]) -> Path:
     from tunedex.infra.config import FinetuneConfig
-    from tunedex.workers import finetune as ft
+    from tunedex.workers import base_model as bm
 
-    tok = ft.train_tokenizer(texts, 2000)
-    model = ft.build_model(ft.model_spec(FinetuneConfig(tiny=shape, max_length=512), tok))
+    tok = bm.train_tokenizer(texts, 2000)
+    model = bm.build_model(bm.model_spec(FinetuneConfig(tiny=shape, max_length=512), tok))
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out

@@ -184,6 +184,9 @@ class TrainRayConfig(Section):
     storage_path: Path | None = Field(None, description="Ray Train storage (shared on a cluster); default DATA_DIR/ray_results")
     run_name: str | None = Field(None, description="a run of the same name resumes from its last checkpoint")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
+    checkpoint_upload_delay_s: float = Field(0.0, ge=0, description=(
+        "fault injection: seconds every rank but 0 waits before uploading its checkpoint shards, so a kill can land "
+        "between ranks (the S7 test); leave 0"))
 
 
 class LoraConfig(Section):

@@ -18,13 +18,13 @@ AUTH = {"Authorization": "Bearer test-key-123"}
 def long_context_model(path: Path) -> Path:
     """Random weights, a 4096-token context: it rarely says EOS, so a long answer runs for seconds."""
     from tunedex.infra.config import FinetuneConfig
-    from tunedex.workers import finetune as ft
+    from tunedex.workers import base_model as bm
 
     texts = [json.dumps({"q": f"How much does product {i} cost?", "a": f"It costs {i} dollars."}) for i in range(200)]
-    tok = ft.train_tokenizer(texts, 300)
-    spec = ft.model_spec(FinetuneConfig(tiny={"architecture": "llama", "n_layer": 2, "n_embd": 64, "n_head": 2},
+    tok = bm.train_tokenizer(texts, 300)
+    spec = bm.model_spec(FinetuneConfig(tiny={"architecture": "llama", "n_layer": 2, "n_embd": 64, "n_head": 2},
                                         max_length=4096), tok)
-    ft.build_model(spec).save_pretrained(path, safe_serialization=True)
+    bm.build_model(spec).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tunedex.infra.config import FinetuneConfig
-from tunedex.workers import finetune as ft
+from tunedex.workers import base_model as bm, checkpoints as ck, finetune as ft
 from tunedex.workers import sft_data
 
 EXAMPLES = [
@@ -36,7 +36,7 @@ def test_bad_training_lines_are_reported_with_numbers(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok():
-    return ft.prepare_tokenizer(FinetuneConfig(tiny={"vocab_size": 400}), EXAMPLES * 5)
+    return bm.prepare_tokenizer(FinetuneConfig(tiny={"vocab_size": 400}), EXAMPLES * 5)
 
 
 def test_tiny_tokenizer_renders_every_format_and_round_trips(tok, tmp_path):
@@ -80,7 +80,7 @@ def test_packed_and_unpacked_batches_give_the_same_per_token_loss(tok):
     rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
                           {"role": "assistant", "content": "Answer " * (i % 4 + 1)}]} for i in range(8)]
     examples, _ = sft_data.prepare(rows, tok, max_length=64, completion_only=True, overflow="truncate")
-    model = ft.build_model(ft.model_spec(FinetuneConfig(tiny={"n_embd": 32, "n_head": 2}, max_length=128), tok)).eval()
+    model = bm.build_model(bm.model_spec(FinetuneConfig(tiny={"n_embd": 32, "n_head": 2}, max_length=128), tok)).eval()
     unpacked = sft_data.collate([sft_data.as_packed(x) for x in examples], tok.pad_token_id)
     packed_seqs = sft_data.pack(examples, max_length=64)
     assert len(packed_seqs) < len(examples)
@@ -118,45 +118,45 @@ def test_deepspeed_config_follows_ours():
 def test_checkpoint_markers_refuse_partial_and_altered_checkpoints(tmp_path):
     for rank in (0, 1):
         (tmp_path / f"zero_rank{rank}.pt").write_bytes(b"shard %d" % rank)
-        files = {f"zero_rank{rank}.pt": ft.file_hashes(tmp_path)[f"zero_rank{rank}.pt"]}
-        (tmp_path / ft.MARKER.format(rank=rank)).write_text(json.dumps({"rank": rank, "world": 2, "step": 5, "files": files}))
-    assert ft.verify_checkpoint(tmp_path, world=2)["step"] == 5
-    with pytest.raises(ft.FinetuneError, match="resume with num_workers=2"):
-        ft.verify_checkpoint(tmp_path, world=1)
+        files = {f"zero_rank{rank}.pt": ck.file_hashes(tmp_path)[f"zero_rank{rank}.pt"]}
+        (tmp_path / ck.MARKER.format(rank=rank)).write_text(json.dumps({"rank": rank, "world": 2, "step": 5, "files": files}))
+    assert ck.verify_checkpoint(tmp_path, world=2)["step"] == 5
+    with pytest.raises(ck.CheckpointError, match="resume with num_workers=2"):
+        ck.verify_checkpoint(tmp_path, world=1)
     (tmp_path / "zero_rank1.pt").write_bytes(b"tampered")
-    with pytest.raises(ft.FinetuneError, match="altered"):
-        ft.verify_checkpoint(tmp_path, world=2)
-    (tmp_path / ft.MARKER.format(rank=1)).unlink()
-    with pytest.raises(ft.FinetuneError, match="partial"):
-        ft.verify_checkpoint(tmp_path, world=2)
+    with pytest.raises(ck.CheckpointError, match="altered"):
+        ck.verify_checkpoint(tmp_path, world=2)
+    (tmp_path / ck.MARKER.format(rank=1)).unlink()
+    with pytest.raises(ck.CheckpointError, match="partial"):
+        ck.verify_checkpoint(tmp_path, world=2)
 
 
 def test_local_base_model_loads_and_unsafe_ones_are_refused(tmp_path):
-    tok = ft.prepare_tokenizer(FinetuneConfig(tiny={"vocab_size": 400}), EXAMPLES * 5)
-    spec = ft.model_spec(FinetuneConfig(tiny={"n_embd": 32, "n_head": 2}, max_length=64), tok)
-    model = ft.build_model(spec)
+    tok = bm.prepare_tokenizer(FinetuneConfig(tiny={"vocab_size": 400}), EXAMPLES * 5)
+    spec = bm.model_spec(FinetuneConfig(tiny={"n_embd": 32, "n_head": 2}, max_length=64), tok)
+    model = bm.build_model(spec)
     local = tmp_path / "base"
     model.save_pretrained(local, safe_serialization=True)
     tok.save_pretrained(local)
     cfg = FinetuneConfig(base_model=str(local))
-    loaded_tok = ft.prepare_tokenizer(cfg, EXAMPLES)
-    loaded = ft.build_model(ft.model_spec(cfg, loaded_tok))
+    loaded_tok = bm.prepare_tokenizer(cfg, EXAMPLES)
+    loaded = bm.build_model(bm.model_spec(cfg, loaded_tok))
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    with pytest.raises(ft.FinetuneError, match="neither an existing model dir nor a hub id"):
-        ft.check_base_model(FinetuneConfig(base_model=str(tmp_path / "missing")))
+    with pytest.raises(bm.BaseModelError, match="neither an existing model dir nor a hub id"):
+        bm.check_base_model(FinetuneConfig(base_model=str(tmp_path / "missing")))
     remote = tmp_path / "remote"
     remote.mkdir()
     (remote / "model.safetensors").write_bytes((local / "model.safetensors").read_bytes())
     (remote / "config.json").write_text(json.dumps({"auto_map": {"AutoModelForCausalLM": "x.Y"}}))
-    with pytest.raises(ft.FinetuneError, match="trust_remote_code"):
-        ft.check_base_model(FinetuneConfig(base_model=str(remote)))
+    with pytest.raises(bm.BaseModelError, match="trust_remote_code"):
+        bm.check_base_model(FinetuneConfig(base_model=str(remote)))
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text("{}")
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(ft.FinetuneError, match="pickled .bin weights are refused"):
-        ft.check_base_model(FinetuneConfig(base_model=str(pickled)))
+    with pytest.raises(bm.BaseModelError, match="pickled .bin weights are refused"):
+        bm.check_base_model(FinetuneConfig(base_model=str(pickled)))
 
 
 def test_stale_extension_build_locks_are_cleared_and_fresh_ones_kept(tmp_path, monkeypatch):

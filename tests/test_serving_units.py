@@ -27,16 +27,16 @@ def test_serving_prompt_matches_the_training_format():
 def test_batched_generation_gives_each_prompt_what_it_gets_alone():
     from tunedex.infra.config import FinetuneConfig
     from tunedex.infra.generation import Sampling, generate_batch
-    from tunedex.workers import finetune as ft
+    from tunedex.workers import base_model as bm
 
     texts = ["Shipping is free on orders over 50 dollars.", "Returns are accepted within 30 days."] * 40
-    tok = ft.train_tokenizer(texts, 300)
+    tok = bm.train_tokenizer(texts, 300)
     tok.padding_side = "left"
     prompts = [[{"role": "user", "content": "hi"}], "Returns are", [{"role": "user", "content": "When is shipping free? " * 8}],
                [{"role": "system", "content": "Context: [1] Returns are accepted."}, {"role": "user", "content": "q"}]]
     samplings = [Sampling(max_new_tokens=n) for n in (12, 5, 20, 12)]
     for arch in ("gpt2", "llama"):
-        model = ft.build_model(ft.model_spec(FinetuneConfig(tiny={"architecture": arch, "n_embd": 32, "n_head": 2},
+        model = bm.build_model(bm.model_spec(FinetuneConfig(tiny={"architecture": arch, "n_embd": 32, "n_head": 2},
                                                             max_length=128), tok))
         model.eval()
         alone = [generate_batch(model, tok, [p], [s], 32)[0] for p, s in zip(prompts, samplings)]

@@ -4,12 +4,12 @@
 cluster, train on `ray.num_workers` workers (checkpointing every `save_steps`, resuming from the
 last complete checkpoint after a failure or when a run of the same name is submitted again),
 export safetensors + tokenizer + a model card, and register the model version.
-`train_loop_per_worker` is the per-worker loop; what it calls is plain Python.
+`train_loop_per_worker` is the per-worker loop (`train`, given a frozen `LoopConfig`); what it calls is plain
+Python. The model it starts from is workers/base_model.py's; checkpoints and resume are workers/checkpoints.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,21 +25,11 @@ from tunedex.infra.config import FinetuneConfig, TunedexConfig
 from tunedex.infra.errors import TunedexError
 from tunedex.infra.ids import content_hash
 from tunedex.workers import sft_data
+from tunedex.workers.base_model import build_model, export_base, model_spec, prepare_tokenizer
+from tunedex.workers.checkpoints import RayTrainIO, check_resume_point, load_checkpoint, run_dir, save_checkpoint
 from tunedex.workers.sft_data import DataError, load_examples
 
 log = logging.getLogger(__name__)
-
-SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-# Saved with the tokenizer so serving renders exactly the prompt format training used.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-MARKER = "tunedex_rank{rank}.json"  # one per rank: the checkpoint is complete when every rank's is there
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a run name is one directory under the storage root
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-# Test hook (tests/reliability/test_s07_*): read once in `main`, passed to the workers as a config value.
-CHECKPOINT_PAUSE_ENV = "TUNEDEX_TEST_CHECKPOINT_PAUSE_S"
 
 
 class FinetuneError(TunedexError, ValueError):
@@ -70,111 +60,6 @@ class FinetuneResult:
             f"fine-tuned {self.run_name}: {self.steps} steps{resumed}, loss {first:.3f} -> {last:.3f}{evals}, "
             f"{self.tokens_per_s:.0f} tokens/s, {self.seconds:.0f}s -> {self.output_dir}"
         )
-
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
-    """A byte-level BPE tokenizer trained here, for tiny models (no hub needed)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", bos_token="<|end|>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def prepare_tokenizer(ft: FinetuneConfig, examples: list[dict[str, Any]]) -> Any:
-    if ft.base_model == "tiny":
-        return train_tokenizer([json.dumps(ex, ensure_ascii=False) for ex in examples], ft.tiny.vocab_size)
-    from transformers import AutoTokenizer
-
-    check_base_model(ft)
-    tokenizer = AutoTokenizer.from_pretrained(ft.base_model, trust_remote_code=ft.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def check_base_model(ft: FinetuneConfig) -> None:
-    """Refuse pickle-only weights, remote code and paths that are not model dirs before anything is read."""
-    path = Path(ft.base_model).expanduser()
-    if not path.exists():
-        if ft.base_model.startswith((".", "/", "~")) or not HUB_ID.fullmatch(ft.base_model) or ".." in ft.base_model:
-            raise FinetuneError(
-                f"finetune.base_model {ft.base_model!r} is neither an existing model dir nor a hub id (org/name); "
-                "set it to a local Hugging Face model dir or a hub id"
-            )
-        return  # a hub id: from_pretrained resolves it (and fails clearly when offline)
-    if not path.is_dir():
-        raise FinetuneError(f"finetune.base_model {path} is not a directory; point it at a Hugging Face model dir")
-    if not (path / "config.json").is_file():
-        raise FinetuneError(f"finetune.base_model {path} has no config.json; point it at a Hugging Face model dir")
-    if not any(path.glob("*.safetensors")):
-        raise FinetuneError(
-            f"finetune.base_model {path} has no *.safetensors weights; pickled .bin weights are refused "
-            "(they can run code when loaded): convert the model to safetensors first"
-        )
-    for name in ("config.json", "tokenizer_config.json"):
-        meta = path / name
-        try:
-            remote = meta.is_file() and bool(json.loads(meta.read_text(encoding="utf-8")).get("auto_map"))
-        except (UnicodeDecodeError, ValueError, AttributeError) as exc:
-            raise FinetuneError(f"finetune.base_model {path}: {name} is not a JSON object ({exc}); fix or re-download it") from None
-        if remote and not ft.trust_remote_code:
-            raise FinetuneError(
-                f"finetune.base_model {path} needs custom code ({name} has auto_map); review that code and set "
-                "finetune.trust_remote_code: true, or use a model transformers supports natively"
-            )
-
-
-def model_spec(ft: FinetuneConfig, tokenizer: Any) -> dict[str, Any]:
-    lora = ft.lora.model_dump() if ft.adapter == "lora" else None
-    if ft.base_model != "tiny":
-        return {"path": ft.base_model, "trust_remote_code": ft.trust_remote_code, "lora": lora}
-    t = ft.tiny
-    common = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-              "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
-    if t.architecture == "gpt2":
-        arch = {"gpt2": {**common, "n_layer": t.n_layer, "n_embd": t.n_embd, "n_head": t.n_head,
-                         "n_positions": ft.max_length}}
-    else:
-        arch = {"llama": {**common, "num_hidden_layers": t.n_layer, "hidden_size": t.n_embd,
-                          "num_attention_heads": t.n_head, "intermediate_size": 4 * t.n_embd,
-                          "max_position_embeddings": ft.max_length}}
-    return {**arch, "lora": lora, "seed": ft.seed}
-
-
-def build_model(spec: dict[str, Any]) -> Any:
-    """The base model (built from a config, or loaded from safetensors), wrapped in LoRA when asked."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(spec.get("seed", 0))  # a tiny model starts from the same weights on every rank and run
-    if "gpt2" in spec:
-        model = GPT2LMHeadModel(GPT2Config(**spec["gpt2"]))
-    elif "llama" in spec:
-        model = LlamaForCausalLM(LlamaConfig(**spec["llama"]))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            spec["path"], use_safetensors=True, trust_remote_code=spec["trust_remote_code"]
-        )
-    if spec.get("lora"):
-        from peft import LoraConfig, get_peft_model
-
-        lora = spec["lora"]
-        model = get_peft_model(model, LoraConfig(
-            r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
-            target_modules=lora["target_modules"], task_type="CAUSAL_LM",
-        ))
-    return model
 
 
 def deepspeed_config(ft: FinetuneConfig, bf16: bool) -> dict[str, Any]:
@@ -251,130 +136,6 @@ def preflight(cfg: TunedexConfig, n_train: int) -> None:
         raise FinetuneError("cannot start training:\n  - " + "\n  - ".join(problems))
 
 
-def file_hashes(root: Path) -> dict[str, str]:
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith("tunedex_rank")
-    }
-
-
-def verify_checkpoint(root: Path, world: int) -> dict[str, Any]:
-    """Every rank's marker is there and every file it lists has its recorded hash; else refuse."""
-    markers = []
-    for rank in range(world):
-        path = root / MARKER.format(rank=rank)
-        if not path.is_file():
-            raise FinetuneError(f"checkpoint {root} lacks rank {rank}'s completion marker: it is partial; not loading it")
-        markers.append(json.loads(path.read_text()))
-    inside = root.resolve()
-    for m in markers:
-        if m["world"] != world:
-            raise FinetuneError(f"checkpoint {root} was written by {m['world']} workers; resume with num_workers={m['world']}")
-        for rel, digest in m["files"].items():
-            f = root / rel
-            if not f.resolve().is_relative_to(inside):  # a doctored marker must not make us read other files
-                raise FinetuneError(f"checkpoint {root} lists {rel}, outside the checkpoint; not loading it")
-            if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != digest:
-                raise FinetuneError(f"checkpoint file {f} is missing or altered (hash mismatch); not loading it")
-    return markers[0]
-
-
-def run_dir(storage: Path, run_name: str) -> Path:
-    """Where Ray Train keeps the run's checkpoints: one plain directory under the storage root."""
-    if not RUN_NAME.fullmatch(run_name) or ".." in run_name:
-        raise FinetuneError(
-            f"finetune.ray.run_name {run_name!r} is not a plain name; use letters, digits, '.', '-' and '_' "
-            f"(it names a directory under {storage})"
-        )
-    run = storage / run_name
-    if run.exists() and not run.resolve().is_relative_to(storage.resolve()):
-        raise FinetuneError(f"run dir {run} points outside the storage root {storage} (to {run.resolve()}); "
-                            "remove the link or set another finetune.ray.run_name")
-    return run
-
-
-def check_resume_point(run: Path, world: int) -> int:
-    """The step of the newest complete checkpoint an earlier attempt of this run left (0: none), checked
-    before any worker starts.
-
-    Every complete checkpoint (every rank's marker there) must lie inside the run dir and every file must have
-    its recorded hash: Ray Train restores the last one it registered, which may be older than the newest on
-    disk. A partial one (a rank's marker missing: the run stopped while writing it) was never registered by
-    Ray Train; it is reported and ignored.
-    """
-    if not run.is_dir():
-        return 0
-    root, step = run.resolve(), 0
-    for ckpt in sorted(p for p in run.glob("checkpoint_*") if p.is_dir()):
-        if not ckpt.resolve().is_relative_to(root):
-            raise FinetuneError(f"checkpoint {ckpt} points outside the run dir {root} (to {ckpt.resolve()}); "
-                                "not resuming from it: remove it, or set another finetune.ray.run_name")
-        if (ckpt / "metrics.json").is_file():
-            continue  # the final export
-        markers = sorted(ckpt.glob(MARKER.format(rank="*")))
-        wrote = json.loads(markers[0].read_text())["world"] if markers else world
-        missing = [r for r in range(wrote) if not (ckpt / MARKER.format(rank=r)).is_file()]
-        if missing:
-            log.warning("ignoring partial checkpoint %s: rank %s's completion marker is missing (the run stopped "
-                        "while writing it)", ckpt, missing[0])
-            continue
-        step = max(step, int(verify_checkpoint(ckpt, world)["step"]))
-    return step
-
-
-class RayTrainIO:
-    """Where the loop reports metrics and checkpoints: Ray Train (the other is the GPU check's local dir).
-
-    `upload_delay_s` (a test hook) holds this worker's checkpoint upload back, so a run can be killed
-    while only the other ranks' files have landed in storage.
-    """
-
-    def __init__(self, upload_delay_s: float = 0.0):
-        self.upload_delay_s = upload_delay_s
-
-    def latest(self):
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        return None if ckpt is None else ckpt.as_directory()
-
-    def report(self, metrics: dict[str, Any], directory: str | None = None) -> None:
-        import ray.train
-
-        ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=self._delayed_upload if self.upload_delay_s else None)
-
-    def _delayed_upload(self, checkpoint: Any, dir_name: str) -> Any:
-        import ray.train
-
-        time.sleep(self.upload_delay_s)
-        return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
-
-
-def save_checkpoint(engine: Any, io: Any, rank: int, world: int, step: int, state: dict[str, Any], metrics: dict) -> None:
-    """All ranks save their DeepSpeed shards, each writes its marker, and `io` gathers them."""
-    import torch.distributed as dist
-
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag="ckpt", client_state=state)
-        dist.barrier()
-        marker = {"rank": rank, "world": world, "step": step, "files": file_hashes(Path(tmp))}
-        Path(tmp, MARKER.format(rank=rank)).write_text(json.dumps(marker))
-        io.report(metrics, tmp)
-
-
-def load_checkpoint(engine: Any, io: Any, world: int) -> dict[str, Any] | None:
-    latest = io.latest()
-    if latest is None:
-        return None
-    with latest as d:
-        if (Path(d) / "metrics.json").is_file():
-            raise FinetuneError(f"the run's last checkpoint {d} is its final export: it already finished")
-        verify_checkpoint(Path(d), world)
-        _, state = engine.load_checkpoint(d, tag="ckpt")
-    return state
-
-
 def evaluate(engine: Any, sequences: list[Any], batch_size: int, pad_id: int) -> float:
     import torch
     import torch.distributed as dist
@@ -403,14 +164,13 @@ def peak_rss_per_rank() -> list[float]:
     return [round(x, 1) for x in out]
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     """Ray Train's entry on each worker."""
     import ray.train
 
-    ctx = ray.train.get_context()
+    loop, ctx = config["loop"], ray.train.get_context()
     rank = ctx.get_world_rank()
-    io = RayTrainIO(upload_delay_s=config["checkpoint_pause_s"] if rank else 0.0)
-    train(config, rank, ctx.get_world_size(), io)
+    train(loop, rank, ctx.get_world_size(), RayTrainIO(upload_delay_s=loop.checkpoint_upload_delay_s if rank else 0.0))
 
 
 def clear_stale_build_locks(max_age_s: float = 300.0) -> list[Path]:
@@ -420,8 +180,6 @@ def clear_stale_build_locks(max_age_s: float = 300.0) -> list[Path]:
     plain lock file; a worker killed while holding it leaves the file behind, and every later
     run waits on it forever. A build takes seconds, so an old lock can only be stale.
     """
-    import os
-
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cache / "torch_extensions")  # where torch builds them
     now, removed = time.time(), []
@@ -435,26 +193,26 @@ def clear_stale_build_locks(max_age_s: float = 300.0) -> list[Path]:
     return removed
 
 
-def train(config: dict[str, Any], rank: int, world: int, io: Any) -> dict[str, Any]:
+def train(config: LoopConfig, rank: int, world: int, io: Any) -> dict[str, Any]:
     """The training loop of one worker; the process group is already up."""
     import deepspeed
     import torch
 
     for lock in clear_stale_build_locks():
         print(f"removed a stale extension build lock {lock} (left by a killed process)", flush=True)
-    model = build_model(config["model"])
-    ds = config["deepspeed"]
+    model = build_model(config.model)
+    ds = config.deepspeed
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["weight_decay"])
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config["warmup_steps"], config["max_steps"], config["lr_scheduler_type"])
+        optimizer, lr_lambda(config.warmup_steps, config.max_steps, config.lr_scheduler_type)
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     state = load_checkpoint(engine, io, world) or {"step": 0, "losses": [], "eval_losses": {}}
     resumed_from = state["step"]
-    shard, eval_shard = config["train"][rank::world], config["eval"][rank::world]
-    micro, accum, max_steps = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], config["max_steps"]
-    batches = micro_batches(shard, micro, config["seed"] + rank)
+    shard, eval_shard = config.train[rank::world], config.eval[rank::world]
+    micro, accum, max_steps = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], config.max_steps
+    batches = micro_batches(shard, micro, config.seed + rank)
     for _ in range(resumed_from * accum):  # replay the data order up to the checkpoint
         next(batches)
     losses, eval_losses = list(state["losses"]), dict(state["eval_losses"])
@@ -465,7 +223,7 @@ def train(config: dict[str, Any], rank: int, world: int, io: Any) -> dict[str, A
         step_loss = 0.0
         for _ in range(accum):
             micro_batch = next(batches)
-            batch = {k: v.to(engine.device) for k, v in sft_data.collate(micro_batch, config["pad_id"]).items()}
+            batch = {k: v.to(engine.device) for k, v in sft_data.collate(micro_batch, config.pad_id).items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
@@ -473,20 +231,20 @@ def train(config: dict[str, Any], rank: int, world: int, io: Any) -> dict[str, A
             tokens += sum(len(seq.input_ids) for seq in micro_batch) * world  # non-pad tokens, all workers
         losses.append(step_loss)
         # every rank evaluates (its shard may be empty): the all-reduce inside must be called on all of them
-        if config["eval"] and (step % config["eval_steps"] == 0 or step == max_steps):
-            eval_losses[step] = evaluate(engine, eval_shard, micro, config["pad_id"])
-        if rank == 0 and (step % config["logging_steps"] == 0 or step == max_steps):
+        if config.eval and (step % config.eval_steps == 0 or step == max_steps):
+            eval_losses[step] = evaluate(engine, eval_shard, micro, config.pad_id)
+        if rank == 0 and (step % config.logging_steps == 0 or step == max_steps):
             elapsed = time.monotonic() - started
             eta = elapsed / (step - resumed_from) * (max_steps - step)
             ev = f" | eval loss {eval_losses[step]:.4f}" if step in eval_losses else ""
             print(f"step {step}/{max_steps} | loss {step_loss:.4f}{ev} | tokens/s {tokens / elapsed:.0f} "
                   f"| elapsed {elapsed:.0f}s | eta {eta:.0f}s", flush=True)
-        if step % config["save_steps"] == 0 and step < max_steps:
+        if step % config.save_steps == 0 and step < max_steps:
             state = {"step": step, "losses": losses, "eval_losses": eval_losses}
             save_checkpoint(engine, io, rank, world, step, state, {"step": step, "loss": step_loss})
     metrics = {"losses": losses, "eval_losses": eval_losses, "steps": max_steps, "resumed_from_step": resumed_from,
                "tokens_per_s": tokens / (time.monotonic() - started), "peak_rss_mb": peak_rss_per_rank()}
-    export_model(engine, io, rank, config["model"], metrics)
+    export_model(engine, io, rank, config.model, metrics)
     return metrics
 
 
@@ -513,28 +271,34 @@ def export_model(engine: Any, io: Any, rank: int, spec: dict[str, Any], metrics:
         io.report(metrics, tmp)
 
 
-def export_base(ft: FinetuneConfig, tokenizer: Any, out: Path) -> str:
-    """Where the base model can be loaded from: a tiny base is rebuilt from its seed and saved beside the
-    fine-tune (so `mode: rag` and evaluation can serve it); any other base is its own path or hub id."""
-    if ft.base_model != "tiny":
-        return ft.base_model
-    model = build_model({**model_spec(ft, tokenizer), "lora": None})
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return str(out)
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a worker's loop needs, as plain data (Ray pickles it to each worker)."""
+    train: list[Any]
+    eval: list[Any]
+    pad_id: int
+    model: dict[str, Any]  # base_model.model_spec
+    deepspeed: dict[str, Any]
+    learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    lr_scheduler_type: str
+    max_steps: int
+    logging_steps: int
+    eval_steps: int
+    save_steps: int
+    seed: int
+    checkpoint_upload_delay_s: float = 0.0  # finetune.ray.checkpoint_upload_delay_s, ranks >= 1
 
 
-def loop_config(ft: FinetuneConfig, tokenizer: Any, train_seqs: list, eval_seqs: list, bf16: bool,
-                checkpoint_pause_s: float = 0.0) -> dict[str, Any]:
-    """Everything a worker's loop needs, as plain data."""
-    return {
-        "train": train_seqs, "eval": eval_seqs, "pad_id": tokenizer.pad_token_id,
-        "model": model_spec(ft, tokenizer), "deepspeed": deepspeed_config(ft, bf16),
-        "learning_rate": ft.learning_rate, "weight_decay": ft.weight_decay, "warmup_steps": ft.warmup_steps,
-        "lr_scheduler_type": ft.lr_scheduler_type, "max_steps": ft.max_steps, "logging_steps": ft.logging_steps,
-        "eval_steps": ft.eval_steps, "save_steps": ft.save_steps, "seed": ft.seed,
-        "checkpoint_pause_s": checkpoint_pause_s,
-    }
+def loop_config(ft: FinetuneConfig, tokenizer: Any, train_seqs: list, eval_seqs: list, bf16: bool) -> LoopConfig:
+    return LoopConfig(
+        train=train_seqs, eval=eval_seqs, pad_id=tokenizer.pad_token_id, model=model_spec(ft, tokenizer),
+        deepspeed=deepspeed_config(ft, bf16), learning_rate=ft.learning_rate, weight_decay=ft.weight_decay,
+        warmup_steps=ft.warmup_steps, lr_scheduler_type=ft.lr_scheduler_type, max_steps=ft.max_steps,
+        logging_steps=ft.logging_steps, eval_steps=ft.eval_steps, save_steps=ft.save_steps, seed=ft.seed,
+        checkpoint_upload_delay_s=ft.ray.checkpoint_upload_delay_s,
+    )
 
 
 def finished_run(cfg: TunedexConfig, run_name: str, data_hash: str) -> FinetuneResult | None:
@@ -557,7 +321,7 @@ def finished_run(cfg: TunedexConfig, run_name: str, data_hash: str) -> FinetuneR
 def training_failure(run_name: str, exc: Exception, max_failures: int, resume_step: int) -> str:
     """One message for a run Ray Train gave up on: what the workers died of, and how to go on."""
     text = "\n".join([str(exc), *map(str, (getattr(exc, "worker_failures", None) or {}).values())])
-    ours = re.search(r"FinetuneError: (.+)", text)  # our own refusal (an altered checkpoint...) says it all
+    ours = re.search(r"(?:Finetune|Checkpoint|BaseModel)Error: (.+)", text)  # our own refusal says it all
     died = re.search(r"The actor (is dead|died)[^.]*\.", text)
     cause = (ours.group(1).strip() if ours else f"a worker died ({died.group(0)})" if died
              else text.strip().splitlines()[-1][:300])
@@ -600,10 +364,9 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
     log.info("data: %d examples (%s), %d train / %d eval sequences, %d truncated, %d dropped, %d loss tokens",
              stats.examples, stats.formats, len(train_seqs), len(eval_seqs), stats.truncated, stats.dropped,
              stats.loss_tokens)
-    pause = float(os.environ.get(CHECKPOINT_PAUSE_ENV) or 0)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(ft, tokenizer, train_seqs, eval_seqs, bf16, checkpoint_pause_s=pause),
+        train_loop_config={"loop": loop_config(ft, tokenizer, train_seqs, eval_seqs, bf16)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=ft.ray.num_workers, use_gpu=ft.ray.use_gpu, resources_per_worker=ft.ray.resources_per_worker
         ),

@@ -25,7 +25,7 @@ import pytest
 
 from conftest import run_cli
 from tunedex.infra.config import TunedexConfig
-from tunedex.workers.finetune import MARKER, verify_checkpoint
+from tunedex.workers.checkpoints import MARKER, verify_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.scenario(
     "S6", "SIGKILL one RayTrainWorker after checkpoint #2 (2 CPU workers, DeepSpeed, checkpoint every 5 steps, 40 steps)")]
@@ -36,12 +36,12 @@ BAND = 0.05  # |loss difference| allowed at steps 10/20/30/40 (resuming is exact
 RAY_FORWARDED = re.compile(r"(\x1b\[\d+m)?\(\w+ pid=")
 
 
-def tunedex(stack, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+def tunedex(stack, *overrides: str) -> subprocess.Popen:
     """`tunedex finetune CONFIG OVERRIDES` started in the background, as a user would."""
     path, _ = stack
     cmd = [str(Path(sys.executable).parent / "tunedex"), "finetune", str(path), *overrides]
     return subprocess.Popen(cmd, cwd=path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            errors="replace", env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 class Output(threading.Thread):

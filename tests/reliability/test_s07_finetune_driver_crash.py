@@ -26,7 +26,7 @@ from reliability.test_s06_finetune_worker_kill import (registered_checkpoints, s
 from test_flows import flows_setup  # noqa: F401 - a fixture: a flow config on the shared stack
 from tunedex.flows.finetune import TERMINAL, entrypoint, follow, job_client, submit_or_follow, submission_id
 from tunedex.infra import registry
-from tunedex.workers.finetune import CHECKPOINT_PAUSE_ENV, MARKER, FinetuneError, verify_checkpoint
+from tunedex.workers.checkpoints import MARKER, CheckpointError, verify_checkpoint
 
 pytestmark = [pytest.mark.slow]
 S7 = "S7"  # each test names what of S7 it applies
@@ -104,7 +104,7 @@ def test_a_checkpoint_cut_short_by_a_kill_is_never_loaded(stack, record_property
     name = "s7-partial"
     run = cfg.data_dir.resolve() / "ray_results" / name
     proc = tunedex(stack, f"finetune.max_steps={STEPS}", f"finetune.save_steps={SAVE}", "finetune.logging_steps=5",
-                   f"finetune.ray.run_name={name}", env={CHECKPOINT_PAUSE_ENV: "15"})
+                   f"finetune.ray.run_name={name}", "finetune.ray.checkpoint_upload_delay_s=15")
     complete = wait_for_checkpoints(proc, run, 1, timeout=300)
     deadline, partial = time.monotonic() + 120, None
     while partial is None and time.monotonic() < deadline and proc.poll() is None:
@@ -120,7 +120,7 @@ def test_a_checkpoint_cut_short_by_a_kill_is_never_loaded(stack, record_property
     last_step = max(c["step"] for c in registered_checkpoints(run) if c["step"])
     assert last_step == complete[-1]["step"] == SAVE
     assert partial.name not in {c["dir"].name for c in registered_checkpoints(run)}
-    with pytest.raises(FinetuneError, match="lacks rank 1's completion marker"):
+    with pytest.raises(CheckpointError, match="lacks rank 1's completion marker"):
         verify_checkpoint(partial, world=2)
     again = run_cli("finetune", str(path), f"finetune.max_steps={STEPS}", f"finetune.save_steps={SAVE}",
                     "finetune.logging_steps=5", f"finetune.ray.run_name={name}", cwd=path.parent)

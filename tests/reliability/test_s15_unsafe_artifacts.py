@@ -27,7 +27,7 @@ from reliability.test_s06_finetune_worker_kill import registered_checkpoints, su
 from tunedex.infra import registry
 from tunedex.infra.config import CorpusConfig, FinetuneConfig, TunedexConfig
 from tunedex.infra.generation import load_generator
-from tunedex.workers import finetune as ft
+from tunedex.workers import base_model as bm, checkpoints as ck, finetune as ft
 from tunedex.workers.sources import load_documents
 
 TARGET = "/etc/passwd"
@@ -79,9 +79,9 @@ EXAMPLES = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role"
 
 def tiny_model_dir(path: Path) -> Path:
     """A complete, safe exported model (safetensors, config, tokenizer) to spoil."""
-    tok = ft.train_tokenizer([json.dumps(e) for e in EXAMPLES], 400)
-    spec = ft.model_spec(FinetuneConfig(tiny={"n_embd": 32, "n_head": 2, "vocab_size": 400}, max_length=64), tok)
-    ft.build_model(spec).save_pretrained(path, safe_serialization=True)
+    tok = bm.train_tokenizer([json.dumps(e) for e in EXAMPLES], 400)
+    spec = bm.model_spec(FinetuneConfig(tiny={"n_embd": 32, "n_head": 2, "vocab_size": 400}, max_length=64), tok)
+    bm.build_model(spec).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
 
@@ -108,11 +108,11 @@ def test_pickled_weights_are_refused_everywhere_and_never_unpickled(tmp_path, re
     refusals["check_model_dir"] = str(exc.value)
     with pytest.raises(registry.RegistryError, match="safetensors"):  # the serving Generator's load
         load_generator(str(pickled))
-    with pytest.raises(ft.FinetuneError, match="safetensors") as exc:  # a fine-tune from this base model
+    with pytest.raises(bm.BaseModelError, match="safetensors") as exc:  # a fine-tune from this base model
         ft.main(finetune_cfg(tmp_path, base_model=str(pickled)))
     refusals["finetune"] = str(exc.value)
     with pytest.raises(OSError, match="safetensors"):  # the worker's own load, were the driver's check skipped
-        ft.build_model({"path": str(pickled), "trust_remote_code": False})
+        bm.build_model({"path": str(pickled), "trust_remote_code": False})
     config = write_config(tmp_path / "t.yaml", tmp_path / "data")
     promote = run_cli("promote", "--model", str(pickled), "-c", str(config), cwd=tmp_path, check=False)
     assert promote.returncode == 1 and "safetensors" in promote.stderr and "Traceback" not in promote.stderr
@@ -135,7 +135,7 @@ def test_remote_code_is_refused_naming_trust_remote_code(tmp_path, meta, record_
         registry.check_model_dir(remote)
     with pytest.raises(registry.RegistryError, match="trust_remote_code"):
         load_generator(str(remote))
-    with pytest.raises(ft.FinetuneError, match="trust_remote_code") as fexc:
+    with pytest.raises(bm.BaseModelError, match="trust_remote_code") as fexc:
         ft.main(finetune_cfg(tmp_path, base_model=str(remote)))
     assert not marker.exists()
     record_property("held", f"{meta} auto_map: refused by promote/serving ({str(exc.value)[-70:]}) and by the "
@@ -165,28 +165,28 @@ def test_traversal_paths_are_refused_before_any_read(two_below_root, tmp_path, r
                 registry.check_model_dir(Path(p))
             with pytest.raises(registry.RegistryError, match="model dir"):
                 load_generator(p)
-            with pytest.raises(ft.FinetuneError, match="finetune.base_model"):
-                ft.check_base_model(FinetuneConfig(base_model=p))
-            with pytest.raises(ft.FinetuneError, match="finetune.ray.run_name .* is not a plain name"):
-                ft.run_dir(storage, p)
-            with pytest.raises(ft.FinetuneError, match="finetune.ray.run_name"):
+            with pytest.raises(bm.BaseModelError, match="finetune.base_model"):
+                bm.check_base_model(FinetuneConfig(base_model=p))
+            with pytest.raises(ck.CheckpointError, match="finetune.ray.run_name .* is not a plain name"):
+                ck.run_dir(storage, p)
+            with pytest.raises(ck.CheckpointError, match="finetune.ray.run_name"):
                 ft.main(finetune_cfg(tmp_path, ray={"run_name": p}))
             refused += 6
         # a run dir and a checkpoint that link out of the storage root; a marker that names a file outside
         (storage / "linked-run").symlink_to("/etc")
-        with pytest.raises(ft.FinetuneError, match="outside the storage root"):
-            ft.run_dir(storage, "linked-run")
+        with pytest.raises(ck.CheckpointError, match="outside the storage root"):
+            ck.run_dir(storage, "linked-run")
         run = storage / "run"
         run.mkdir()
         (run / "checkpoint_2026-01-01_00-00-00.000000").symlink_to("/etc")
-        with pytest.raises(ft.FinetuneError, match="points outside the run dir"):
-            ft.check_resume_point(run, world=1)
+        with pytest.raises(ck.CheckpointError, match="points outside the run dir"):
+            ck.check_resume_point(run, world=1)
         ckpt = tmp_path / "ckpt"
         ckpt.mkdir()
         rel = os.path.relpath(TARGET, ckpt)
-        (ckpt / ft.MARKER.format(rank=0)).write_text(json.dumps({"rank": 0, "world": 1, "step": 5, "files": {rel: "0" * 64}}))
-        with pytest.raises(ft.FinetuneError, match="outside the checkpoint"):
-            ft.verify_checkpoint(ckpt, world=1)
+        (ckpt / ck.MARKER.format(rank=0)).write_text(json.dumps({"rank": 0, "world": 1, "step": 5, "files": {rel: "0" * 64}}))
+        with pytest.raises(ck.CheckpointError, match="outside the checkpoint"):
+            ck.verify_checkpoint(ckpt, world=1)
         refused += 3
     assert opened, "the audit hook saw nothing: it is not recording"
     assert TARGET not in opened and not any(o.startswith("/etc/") for o in opened)
