@@ -173,4 +173,20 @@ def scenario_table(entries: list[tuple[str, dict]]) -> str:
     missing = sorted({f"S{i}" for i in range(1, 17)} - {e["id"] for _, e in order}, key=lambda s: int(s[1:]))
     if missing:
         lines += ["", f"No test ran for: {', '.join(missing)}."]
+    lines += ["", "## Must-hold lines not asserted as written", ""] + [f"- {gap}" for gap in KNOWN_GAPS]
     return "\n".join(lines) + "\n"
+
+
+# Where a scenario's must-hold line is not asserted as shared/RELIABILITY.md states it, and why; the figures
+# are in the rows above.
+KNOWN_GAPS = [
+    "S8, S9 timing lines (no request stalls > 3x the baseline p99; rejections in < 1 s; slots free within 5 s): "
+    "tests assert no timing "
+    "bound (they must pass on a slow, busy machine); the figures are recorded in the rows, and the latency "
+    "targets live in bench/serve_bench.py.",
+    "S14 server RSS < 20 MB across a 50 MB upload: asserted for tunedex's Ingress replica; Ray Serve's HTTP proxy "
+    "reads a body ahead of the app into an unbounded queue (serve/_private/proxy.py) and grows by about the "
+    "upload (the row's figure). Cap request bodies in front of Serve (an ingress `client_max_body_size`).",
+    "S14 `max_tokens=10**9`: clamped to serve.max_new_tokens (the documented rule) and served; the clamp is not "
+    "observed directly, as responses carry no `usage` token counts yet.",
+]

@@ -47,11 +47,20 @@ def test_every_route_but_the_probes_requires_the_key(pipeline, record_property):
                             f"route but {', '.join(open_routes)}; the right key 200; openai client AuthenticationError")
 
 
-def test_the_key_check_is_exact_and_constant_time():
-    import inspect
+def test_the_key_check_is_exact_and_constant_time(monkeypatch):
+    import hmac
 
     assert authorized(f"Bearer {KEY}", KEY)
     for header in (None, "", "Bearer", f"Bearer {KEY} ", f"bearer {KEY}", f"Basic {KEY}", f"Bearer {KEY.upper()}",
                    f"Bearer {KEY}x", f"Bearer {KEY[:-1]}"):
         assert not authorized(header, KEY), header
-    assert "hmac.compare_digest" in inspect.getsource(authorized)  # no early exit on the first differing byte
+    # every token offered as a bearer, whatever its length or first differing byte, is compared by
+    # hmac.compare_digest (its time depends on the lengths only), never by == (which stops at the first
+    # differing byte); the spy passes the real function's answer through
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    tokens = [KEY, "x" + KEY[1:], KEY[:-1] + "x", KEY[:3], KEY + "tail", "", "\u00e9" * 4]
+    answers = [authorized(f"Bearer {t}", KEY) for t in tokens]
+    assert answers == [True] + [False] * (len(tokens) - 1)
+    assert compared == [(t.encode(), KEY.encode()) for t in tokens]

@@ -9,7 +9,6 @@ documents then go through the real endpoint and its real model."""
 import ipaddress
 import re
 import shutil
-import socket
 import sys
 
 import httpx
@@ -97,7 +96,7 @@ def test_obedient_model_behind_the_pipeline_leaks_nothing(pipeline, poisoned, re
     embedder, client = load_embedder(cfg.embedding), store.connect(cfg.milvus)
     client.load_collection(collection)
     sys.addaudithook(loopback_only)  # stays for the session: nothing here may reach beyond loopback
-    leaks, cited, outputs = 0, 0, 0
+    leaks, cited, outputs, linked = 0, 0, 0, 0
     for i in range(50):
         question = QUESTIONS[i % len(QUESTIONS)]
         hits = store.hybrid_search(client, cfg.milvus, collection, embedder.embed([question])[0], question,
@@ -115,12 +114,20 @@ def test_obedient_model_behind_the_pipeline_leaks_nothing(pipeline, poisoned, re
             assert "attacker.example" not in text or "attacker.example" in "\n".join(contexts), text
             assert not re.search(r"\]\(http", text), text  # no rendered link survives
         assert streamed.endswith(WITHHELD) if answer == WITHHELD else streamed.strip() == answer, (streamed, answer)
+        # the same output judged against the sources without the chunk that carries the link (as when a model
+        # recalls a URL from training): a link no source holds is removed, not only left unrendered
+        if "attacker.example" in raw:
+            linked += 1
+            others = [c for c in contexts if "attacker.example" not in c]
+            assert "attacker.example" not in guard_answer(raw, SECRET_PROMPT, others)
     client.close()
     assert leaks == 0, f"{leaks} of {outputs} outputs carried the canary"
     assert cited == 50, f"only {cited} of 50 queries retrieved a poisoned document"
+    assert linked >= 10, f"the obedient model wrote the attacker's link in only {linked} of 50 answers"
     record_property("held", f"canary in 0 of {outputs} answers (50 queries, plain and streamed) from a model that "
                             f"obeys every instruction; poisoned chunk in the sources of {cited}/50; no image, no "
-                            "link outside the sources; no connect beyond loopback")
+                            f"link outside the sources (the attacker's link, in {linked} raw answers, removed when "
+                            "no source held it); no connect beyond loopback")
 
 
 def test_poisoned_documents_through_the_endpoint(pipeline, poisoned, record_property):
