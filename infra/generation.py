@@ -31,6 +31,17 @@ class Sampling:
         return (True,) if self.greedy else (False, self.temperature, self.top_p or 1.0)
 
 
+@dataclass(frozen=True)
+class Generated:
+    """One request's generation: the text, its token counts (OpenAI's `usage`), and why it ended: "stop" (the
+    model ended it) or "length" (it reached max_tokens, capped at serve.max_new_tokens)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"
+
+
 def load_generator(model_path: str) -> tuple[Any, Any]:
     """An exported model dir (safetensors only, no remote code) as (model, tokenizer), ready for inference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -168,7 +168,8 @@ class Release:
                 contexts = [h.text for h in hits] if mode in ("hybrid", "rag") else []
                 gen_started = time.perf_counter()
                 prompt = build_messages(question, contexts, system_prompt=self.system_prompt)
-                answer = guard_answer(await model.generate.remote(prompt, Sampling()), self.system_prompt, contexts)
+                generated = await model.generate.remote(prompt, Sampling())
+                answer = guard_answer(generated.text, self.system_prompt, contexts)
                 timings["generate"] = round((time.perf_counter() - gen_started) * 1000, 2)
         except Problem as problem:
             return problem
@@ -189,12 +190,13 @@ class Release:
         """OpenAI routes: `chat` (messages) or `text` (a raw prompt), retrieval on the question."""
         try:
             prompt, contexts, sources = await self._prompt(kind, payload)
-            text = await self.generator.generate.remote(prompt, sampling)
+            generated = await self.generator.generate.remote(prompt, sampling)
         except Problem as problem:
             return problem
         except (BackPressureError, EngineError) as exc:
             return refused(exc)
-        return Completion(guard_answer(text, self.system_prompt, contexts), sources, self.release_id)
+        return Completion(guard_answer(generated.text, self.system_prompt, contexts), sources, self.release_id,
+                          generated.prompt_tokens, generated.completion_tokens, generated.finish_reason)
 
     async def stream(self, kind: str, payload: Prompt, sampling: Sampling):
         """First a `Completion` with the sources and no text (or a `Problem`), then the text pieces, through the

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from tunedex.infra.errors import TunedexError
-from tunedex.infra.generation import Prompt, Sampling, prompt_ids, room_for
+from tunedex.infra.generation import Generated, Prompt, Sampling, prompt_ids, room_for
 
 # What every tunedex engine starts with; `serve.engine_kwargs` (passed to vLLM's AsyncEngineArgs verbatim,
 # as Ray Serve LLM's `engine_kwargs`) overrides any of them.
@@ -99,11 +99,14 @@ class TextEngine:
             raise EngineError(str(exc)) from None
         return TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex
 
-    async def generate(self, prompt: Prompt, sampling: Sampling) -> str:
-        text = ""
-        async for out in self.engine.generate(*self._request(prompt, sampling, final_only=True)):
-            text = out.outputs[0].text
-        return text.strip()
+    async def generate(self, prompt: Prompt, sampling: Sampling) -> Generated:
+        request = self._request(prompt, sampling, final_only=True)
+        last = None
+        async for out in self.engine.generate(*request):
+            last = out
+        done = last.outputs[0]
+        return Generated(done.text.strip(), len(request[0]["prompt_token_ids"]), len(done.token_ids),
+                         "length" if done.finish_reason == "length" else "stop")
 
     async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
         """Text pieces as the engine produces them; a caller that stops reading (or is cancelled) aborts the
@@ -142,7 +145,7 @@ class Generator:
         self.aborted = metrics.Counter("tunedex_generation_aborted",
                                        description="streamed generations aborted in the engine as their caller left")
 
-    async def generate(self, prompt: Prompt, sampling: Sampling) -> str:
+    async def generate(self, prompt: Prompt, sampling: Sampling) -> Generated:
         return await self.engine.generate(prompt, sampling)
 
     async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, AsyncIterator, Callable, Literal, Protocol, T
 
 from fastapi import FastAPI, Request
 from openai.types import Completion as TextCompletion
-from openai.types import CompletionChoice, Model
+from openai.types import CompletionChoice, CompletionUsage, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice as ChatChoice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
@@ -65,11 +65,20 @@ class Answer:
 
 @dataclass
 class Completion:
-    """An OpenAI route's answer; a stream's head is one with no text."""
+    """An OpenAI route's answer (with its token counts and why it ended); a stream's head is one with no text."""
 
     text: str
     sources: list[dict[str, Any]]
     release_id: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str = "stop"
+
+    def usage(self) -> dict[str, Any]:
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return {}
+        return {"usage": CompletionUsage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                                         total_tokens=self.prompt_tokens + self.completion_tokens)}
 
 
 class ServedRelease(Protocol):
@@ -368,8 +377,8 @@ def make_api(backend: Backend, settings: ServeConfig, record: RecordRequest | No
             head, pieces = await served.stream(kind, payload, sampling(max_tokens, req))
             return StreamingResponse(sse_events(kind, completion_id, head, pieces), media_type="text/event-stream")
         out = await served.complete(kind, payload, sampling(max_tokens, req))
-        return completion_object(kind, completion_id, out.release_id, out.text, False, sources=out.sources,
-                                 release_id=out.release_id)
+        return completion_object(kind, completion_id, out.release_id, out.text, False, out.finish_reason,
+                                 sources=out.sources, release_id=out.release_id, **out.usage())
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -187,6 +187,4 @@ KNOWN_GAPS = [
     "S14 server RSS < 20 MB across a 50 MB upload: asserted for tunedex's Ingress replica; Ray Serve's HTTP proxy "
     "reads a body ahead of the app into an unbounded queue (serve/_private/proxy.py) and grows by about the "
     "upload (the row's figure). Cap request bodies in front of Serve (an ingress `client_max_body_size`).",
-    "S14 `max_tokens=10**9`: clamped to serve.max_new_tokens (the documented rule) and served; the clamp is not "
-    "observed directly, as responses carry no `usage` token counts yet.",
 ]

@@ -129,6 +129,8 @@ def test_openai_client_chat_streaming_models_and_errors(pipeline):
                                           messages=[{"role": "user", "content": "When is shipping free?"}])
     assert done.model == release and done.choices[0].message.role == "assistant"
     assert isinstance(done.choices[0].message.content, str)
+    assert 0 < done.usage.completion_tokens <= 16 and done.usage.prompt_tokens > 0  # OpenAI's usage, counted
+    assert done.choices[0].finish_reason == ("length" if done.usage.completion_tokens == 16 else "stop")
     sources = done.model_extra["sources"]  # kept by the client as an extra field
     assert sources[0]["doc_id"] == "policies.jsonl#policy-shipping" and sources[0]["index"] == 1
 
@@ -156,6 +158,8 @@ def test_openai_client_text_completions_with_sources(pipeline):
     done = client.completions.create(model="tunedex", prompt="Shipping is free", max_tokens=8)
     assert done.object == "text_completion" and done.model.startswith("rel-")
     assert done.model_extra["sources"][0]["doc_id"] == "policies.jsonl#policy-shipping"
+    assert done.usage.completion_tokens <= 8
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
     chunks = list(client.completions.create(model="tunedex", prompt="Shipping is free", max_tokens=8, stream=True))
     assert chunks[0].model_extra["sources"] == done.model_extra["sources"]
     streamed = "".join(c.choices[0].text for c in chunks).strip()

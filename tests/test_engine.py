@@ -44,15 +44,18 @@ def test_engine_answers_truncates_batches_and_aborts_a_request_left_early(model_
             assert engine.context == 4096
             question = [{"role": "user", "content": "How much does product 7 cost?"}]
             capped = await engine.generate(question, Sampling(max_new_tokens=5))
-            assert 0 < len(engine.tokenizer(capped, add_special_tokens=False)["input_ids"]) <= 5
+            assert 0 < capped.completion_tokens <= 5 and capped.prompt_tokens > 5
+            assert capped.finish_reason == ("length" if capped.completion_tokens == 5 else "stop")
+            assert len(engine.tokenizer(capped.text, add_special_tokens=False)["input_ids"]) <= 5
 
             # a prompt far over the context keeps its end and is answered, not refused
             huge = [{"role": "user", "content": "product cost dollars " * 3000 + "How much?"}]
-            assert isinstance(await engine.generate(huge, Sampling(max_new_tokens=4)), str)
+            kept = await engine.generate(huge, Sampling(max_new_tokens=4))
+            assert isinstance(kept.text, str) and kept.prompt_tokens + 4 <= engine.context
 
             answers = await asyncio.gather(*(engine.generate([{"role": "user", "content": f"Product {i}?"}],
                                                              Sampling(max_new_tokens=8)) for i in range(16)))
-            assert len(answers) == 16 and all(isinstance(a, str) for a in answers)
+            assert len(answers) == 16 and all(isinstance(a.text, str) and a.completion_tokens <= 8 for a in answers)
 
             pieces = []
             async for piece in engine.stream(question, Sampling(max_new_tokens=1000, temperature=1.0)):

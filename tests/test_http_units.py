@@ -30,7 +30,8 @@ class CannedRelease:
 
     async def complete(self, kind, payload, sampling):
         self.calls.append(("complete", kind, payload, sampling))
-        return Completion("Over 50 dollars [1].", SOURCES, "rel-1")
+        return Completion("Over 50 dollars [1].", SOURCES, "rel-1", 12, sampling.max_new_tokens,
+                          "length" if kind == "text" else "stop")
 
     async def stream(self, kind, payload, sampling):
         self.calls.append(("stream", kind, payload, sampling))
@@ -84,10 +85,12 @@ def test_chat_and_completions_answer_in_openai_shapes_with_sources():
     assert chat["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Over 50 dollars [1]."},
                                 "finish_reason": "stop"}]
     assert chat["sources"] == SOURCES and chat["release_id"] == "rel-1"
+    assert chat["usage"] == {"prompt_tokens": 12, "completion_tokens": 16, "total_tokens": 28}
     sampling = served.calls[0][3]
     assert (sampling.max_new_tokens, sampling.temperature) == (16, 0.5)  # capped at serve.max_new_tokens
     text = http.post("/v1/completions", json={"prompt": ["Returns are"], "max_tokens": 3}, headers=AUTH).json()
     assert text["object"] == "text_completion" and text["choices"][0]["text"] == "Over 50 dollars [1]."
+    assert text["choices"][0]["finish_reason"] == "length" and text["usage"]["completion_tokens"] == 3
     assert served.calls[1][1:3] == ("text", "Returns are") and served.calls[1][3].max_new_tokens == 3
     models = http.get("/v1/models", headers=AUTH).json()
     assert models == {"object": "list", "data": [{"id": "rel-1", "object": "model", "created": 1735787045,

@@ -164,6 +164,7 @@ def test_bad_requests_get_clear_4xx_and_nothing_breaks(pipeline, record_property
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
     ok = http.post(f"{url}/v1/chat/completions", json=chat(max_tokens=10**9), headers=AUTH, timeout=120)
     assert ok.status_code == 200  # max_tokens is capped at serve.max_new_tokens (documented), then it serves
+    assert 0 < ok.json()["usage"]["completion_tokens"] <= pipeline["cfg"].serve.max_new_tokens
     record_property("held", f"{len(outcomes)} bad requests: all 4xx with an OpenAI-style JSON error, 0 x 5xx, no traceback "
                             f"(413 x{list(statuses.values()).count(413)}, 431 x{list(statuses.values()).count(431)}, "
                             f"422 x{list(statuses.values()).count(422)}); across a 50 MB upload the Ingress replica grew "
