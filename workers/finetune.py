@@ -62,6 +62,36 @@ class FinetuneResult:
         )
 
 
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a worker's loop needs, as plain data (Ray pickles it to each worker)."""
+    train: list[Any]
+    eval: list[Any]
+    pad_id: int
+    model: dict[str, Any]  # base_model.model_spec
+    deepspeed: dict[str, Any]
+    learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    lr_scheduler_type: str
+    max_steps: int
+    logging_steps: int
+    eval_steps: int
+    save_steps: int
+    seed: int
+    checkpoint_upload_delay_s: float = 0.0  # finetune.ray.checkpoint_upload_delay_s, ranks >= 1
+
+
+def loop_config(ft: FinetuneConfig, tokenizer: Any, train_seqs: list, eval_seqs: list, bf16: bool) -> LoopConfig:
+    return LoopConfig(
+        train=train_seqs, eval=eval_seqs, pad_id=tokenizer.pad_token_id, model=model_spec(ft, tokenizer),
+        deepspeed=deepspeed_config(ft, bf16), learning_rate=ft.learning_rate, weight_decay=ft.weight_decay,
+        warmup_steps=ft.warmup_steps, lr_scheduler_type=ft.lr_scheduler_type, max_steps=ft.max_steps,
+        logging_steps=ft.logging_steps, eval_steps=ft.eval_steps, save_steps=ft.save_steps, seed=ft.seed,
+        checkpoint_upload_delay_s=ft.ray.checkpoint_upload_delay_s,
+    )
+
+
 def deepspeed_config(ft: FinetuneConfig, bf16: bool) -> dict[str, Any]:
     stage = int(ft.deepspeed.removeprefix("zero"))
     zero: dict[str, Any] = {"stage": stage}
@@ -269,36 +299,6 @@ def export_model(engine: Any, io: Any, rank: int, spec: dict[str, Any], metrics:
         model.save_pretrained(tmp, safe_serialization=True)
         Path(tmp, "metrics.json").write_text(json.dumps(metrics))
         io.report(metrics, tmp)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Everything a worker's loop needs, as plain data (Ray pickles it to each worker)."""
-    train: list[Any]
-    eval: list[Any]
-    pad_id: int
-    model: dict[str, Any]  # base_model.model_spec
-    deepspeed: dict[str, Any]
-    learning_rate: float
-    weight_decay: float
-    warmup_steps: int
-    lr_scheduler_type: str
-    max_steps: int
-    logging_steps: int
-    eval_steps: int
-    save_steps: int
-    seed: int
-    checkpoint_upload_delay_s: float = 0.0  # finetune.ray.checkpoint_upload_delay_s, ranks >= 1
-
-
-def loop_config(ft: FinetuneConfig, tokenizer: Any, train_seqs: list, eval_seqs: list, bf16: bool) -> LoopConfig:
-    return LoopConfig(
-        train=train_seqs, eval=eval_seqs, pad_id=tokenizer.pad_token_id, model=model_spec(ft, tokenizer),
-        deepspeed=deepspeed_config(ft, bf16), learning_rate=ft.learning_rate, weight_decay=ft.weight_decay,
-        warmup_steps=ft.warmup_steps, lr_scheduler_type=ft.lr_scheduler_type, max_steps=ft.max_steps,
-        logging_steps=ft.logging_steps, eval_steps=ft.eval_steps, save_steps=ft.save_steps, seed=ft.seed,
-        checkpoint_upload_delay_s=ft.ray.checkpoint_upload_delay_s,
-    )
 
 
 def finished_run(cfg: TunedexConfig, run_name: str, data_hash: str) -> FinetuneResult | None:
