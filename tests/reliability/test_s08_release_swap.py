@@ -1,6 +1,7 @@
 """S8: release swap under load: promote, rollback, broken releases refused, a cold re-promote; nothing dropped."""
 
 import contextlib
+import itertools
 import json
 import re
 import shutil
@@ -49,8 +50,8 @@ class Load:
 
 @contextlib.contextmanager
 def under_load(url: str, queries: int = 3, streams: int = 1):
-    """`queries` /v1/query clients, `streams` openai streaming clients and a /readyz poller, in threads, until the
-    block ends; the swaps start after 4 s of baseline."""
+    """`queries` /v1/query clients, `streams` streaming clients (the openai client and raw server-sent events by
+    turns) and a /readyz poller, in threads, until the block ends; the swaps start after 4 s of baseline."""
     import openai
 
     load, stop = Load(), threading.Event()
@@ -75,17 +76,35 @@ def under_load(url: str, queries: int = 3, streams: int = 1):
                     load.failures.append(f"/readyz: {exc!r}")
                 time.sleep(0.2)
 
+    def openai_stream(client: openai.OpenAI) -> tuple[bool, str]:
+        chunks = list(client.chat.completions.create(
+            model="tunedex", stream=True, max_tokens=24,
+            messages=[{"role": "user", "content": "Tell me about the Quartz lamp"}]))
+        ok = chunks[-1].choices[0].finish_reason == "stop" and len({c.model for c in chunks}) == 1
+        return ok, chunks[0].model_extra["release_id"]
+
+    def raw_stream(http: httpx.Client) -> tuple[bool, str]:
+        """The same stream read as server-sent events: it must end with `data: [DONE]` (the openai client
+        consumes that line unseen), every chunk from one release."""
+        body = {"model": "tunedex", "stream": True, "max_tokens": 24,
+                "messages": [{"role": "user", "content": "Tell me about the Quartz lamp"}]}
+        with http.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH) as resp:
+            events = [line.removeprefix("data: ") for line in resp.iter_lines() if line.startswith("data: ")]
+        chunks = [json.loads(e) for e in events[:-1]]
+        ok = resp.status_code == 200 and events[-1] == "[DONE]" and len({c["model"] for c in chunks}) == 1
+        return ok, chunks[0].get("release_id", "")
+
     def stream_loop() -> None:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="test-key-123", max_retries=0, timeout=120)
-        while not stop.is_set():
-            try:
-                chunks = list(client.chat.completions.create(
-                    model="tunedex", stream=True, max_tokens=24,
-                    messages=[{"role": "user", "content": "Tell me about the Quartz lamp"}]))
-                ok = chunks[-1].choices[0].finish_reason == "stop" and len({c.model for c in chunks}) == 1
-                load.results.append(("stream", 200 if ok else 0, chunks[0].model_extra["release_id"]))
-            except Exception as exc:  # noqa: BLE001
-                load.failures.append(repr(exc))
+        with httpx.Client(timeout=120) as http:
+            for turn in itertools.count():
+                if stop.is_set():
+                    break
+                try:
+                    ok, release = openai_stream(client) if turn % 2 == 0 else raw_stream(http)
+                    load.results.append(("stream", 200 if ok else 0, release))
+                except Exception as exc:  # noqa: BLE001
+                    load.failures.append(repr(exc))
 
     threads = [threading.Thread(target=query_loop) for _ in range(queries)]
     threads += [threading.Thread(target=stream_loop) for _ in range(streams)] + [threading.Thread(target=readyz_loop)]
