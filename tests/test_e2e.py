@@ -3,6 +3,7 @@ then the nightly flow on Prefect's local API brings in day 2."""
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -78,6 +79,24 @@ def test_ask_prints_answer_and_sources(pipeline):
     out = run_cli("ask", "How many days do I have to return an item?", "-c", str(pipeline["path"]), cwd=pipeline["cwd"]).stdout
     assert out.startswith("Q: How many days") and "\nA: " in out
     assert "] policies.jsonl#policy-returns @" in out
+    cwd, path = pipeline["cwd"], str(pipeline["path"])
+    shown = json.loads(run_cli("ask", "When is shipping free?", "--mode", "retrieve", "--top-k", "2", "--json",
+                               "-c", path, cwd=cwd).stdout)
+    assert shown["mode"] == "retrieve" and shown["answer"] == "" and len(shown["sources"]) == 2
+    assert shown["sources"][0]["doc_id"] == "policies.jsonl#policy-shipping"
+    refused = run_cli("ask", "When is shipping free?", "--mode", "rag", "-c", path, cwd=cwd, check=False)
+    assert refused.returncode == 1 and "serve_base_model" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_index_strict_fails_on_a_skipped_file_and_a_dry_run_writes_nothing(pipeline, demo, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(demo["day1"], corpus)
+    (corpus / "broken.md").write_bytes(b"# Broken\n\xff\xfe not UTF-8")
+    cwd, path = pipeline["cwd"], str(pipeline["path"])
+    proc = run_cli("index", str(corpus), "--dry-run", "--strict", "-c", path, cwd=cwd, check=False)
+    assert proc.returncode == 1 and "skipped broken.md:" in proc.stderr and "UTF-8" in proc.stderr, proc.stderr
+    proc = run_cli("index", str(corpus), "--dry-run", "-c", path, cwd=cwd)  # without --strict: reported, exit 0
+    assert "skipped broken.md:" in proc.stderr
 
 
 def test_status_shows_services_and_release(pipeline):
