@@ -229,8 +229,9 @@ def phase_overhead(cfg, path: Path, model: Path, collection: str, questions: lis
 
     release = new_release(cfg, model, collection)
     control.switch(cfg, path, [], release)
-    answer = serve.get_app_handle(release.release_id).answer
-    generate = serve.get_deployment_handle("Generator", app_name=release.release_id).generate
+    handle = serve.get_app_handle(release.release_id)
+    [engine] = handle.engine_apps.remote().result()  # the release's model runs in an engine application of its own
+    answer, generate = handle.answer, serve.get_deployment_handle("Generator", app_name=engine).generate
     hybrid, gen_only, retrieve, same = [], [], [], 0
     for rep in range(reps + 1):
         for q in questions:
@@ -239,7 +240,7 @@ def phase_overhead(cfg, path: Path, model: Path, collection: str, questions: lis
             t_h = (time.perf_counter() - t) * 1000
             messages = build_messages(q, [s["text"] for s in out.sources])
             t = time.perf_counter()
-            text = generate.remote(messages, Sampling()).result()
+            text = generate.remote(messages, Sampling()).result().text
             t_g = (time.perf_counter() - t) * 1000
             if rep:  # the first pass warms up
                 hybrid.append(t_h)

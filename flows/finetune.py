@@ -45,7 +45,8 @@ def submission_id(cfg: TunedexConfig) -> str:
 def entrypoint(cfg: TunedexConfig, config: str, overrides: list[str], run_name: str) -> str:
     """The job's command: the same `tunedex finetune` a user types, with the run name pinned."""
     python = sys.executable if cfg.ray.is_local else "python"  # a cluster runs the image's Python
-    args = [python, "-m", "tunedex.cli", "finetune", config, *overrides, f"finetune.ray.run_name={run_name}"]
+    sets = [*overrides, f"finetune.ray.run_name={run_name}"]
+    args = [python, "-m", "tunedex.cli", "finetune", config, *(a for kv in sets for a in ("--set", kv))]
     if cfg.ray.is_local:
         # Ray's job supervisor points the driver at the newest cluster in the machine's shared /tmp/ray, which is
         # another one when several run on one machine (two data dirs, parallel tests): pin this cluster.

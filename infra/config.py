@@ -194,6 +194,10 @@ class LoraConfig(Section):
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = Field("all-linear", description="PEFT target_modules")
+    merge: bool = Field(True, description=(
+        "merge the adapter into the base weights on export (a plain model); false exports the adapter alone, "
+        "served by vLLM on its base (enable_lora): releases on one base share its weights. Needs an architecture "
+        "vLLM serves LoRA for (Llama, Mistral, Qwen, ...; not GPT-2) and a base that is a local dir or `tiny`"))
 
 
 class FinetuneConfig(Section):
@@ -201,7 +205,7 @@ class FinetuneConfig(Section):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     trust_remote_code: bool = False
     train_file: Path | None = Field(None, description="JSONL of {messages}, {prompt, completion} or {text}")
-    adapter: Literal["full", "lora"] = Field("full", description="lora trains adapters and merges them on export")
+    adapter: Literal["full", "lora"] = Field("full", description="lora trains adapters (finetune.lora.merge: merged on export or served as adapters)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     max_length: int = Field(256, ge=8)
     overflow: Literal["truncate", "drop"] = Field("truncate", description="examples over max_length")
@@ -226,6 +230,13 @@ class FinetuneConfig(Section):
     offload_optimizer: bool = Field(False, description="ZeRO optimizer state in CPU memory (GPU runs)")
     output_dir: Path | None = Field(None, description="where the exported model goes; default DATA_DIR/models/RUN")
     ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
+
+    @model_validator(mode="after")
+    def _servable_adapter(self) -> "FinetuneConfig":
+        if self.adapter == "lora" and not self.lora.merge and self.base_model == "tiny" and self.tiny.architecture == "gpt2":
+            raise ValueError("finetune.lora.merge: false serves the adapter with vLLM, which has no LoRA for GPT-2; "
+                             "set finetune.tiny.architecture: llama or finetune.lora.merge: true")
+        return self
 
 
 SERVE_DEPLOYMENTS = ("Ingress", "Release", "Retriever", "Generator", "BaseGenerator")

@@ -43,17 +43,24 @@ class Generated:
 
 
 def load_generator(model_path: str) -> tuple[Any, Any]:
-    """An exported model dir (safetensors only, no remote code) as (model, tokenizer), ready for inference."""
+    """An exported model dir (safetensors only, no remote code) as (model, tokenizer), ready for inference; a LoRA
+    adapter dir is loaded on its base and merged in memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunedex.infra.registry import check_model_dir
+    from tunedex.infra.registry import base_model_of, check_model_dir, is_adapter
 
     check_model_dir(Path(model_path))  # before transformers reads anything: no pickles, no remote code
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     tokenizer.padding_side = "left"  # a batch's prompts end where generation starts
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True, trust_remote_code=False)
+    adapter = is_adapter(Path(model_path))
+    weights = base_model_of(Path(model_path)) if adapter else model_path
+    model = AutoModelForCausalLM.from_pretrained(weights, use_safetensors=True, trust_remote_code=False)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, model_path).merge_and_unload()
     model.eval()
     return model, tokenizer
 

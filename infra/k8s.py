@@ -413,7 +413,7 @@ def finetune_job(cfg: TunedexConfig) -> dict[str, Any]:
         size = {"requests": JOB_CPU_WORKER["requests"], "limits": {**JOB_CPU_WORKER["limits"], "cpu": cpu}}
     group = worker_group(cfg, "gpu" if gpus else "cpu", "job-worker", ft.num_workers, ft.num_workers,
                          ft.num_workers, size, serve=False)
-    entry = f"tunedex finetune {CONFIG_PATH} finetune.ray.run_name={name} ray.address=auto"
+    entry = f"tunedex finetune {CONFIG_PATH} --set finetune.ray.run_name={name} --set ray.address=auto"
     return rayjob(cfg, name, entry, [group], deadline_s=24 * 3600)
 
 

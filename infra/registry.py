@@ -33,19 +33,22 @@ class Release:
     created_at: str
     eval_report: dict[str, Any] = field(default_factory=dict)
     base_model: str = ""  # what the model was fine-tuned from (a dir or hub id), for `mode: rag`
+    adapter: bool = False  # model_path is a LoRA adapter, served on base_model
     consistency_level: str = ""  # what the release's retrieval reads at (milvus.consistency_level when promoted)
 
 
 def check_model_dir(path: Path) -> None:
-    """A servable model dir holds safetensors weights, a config and a tokenizer."""
+    """A servable model dir holds safetensors weights, a config and a tokenizer; a LoRA adapter dir holds
+    adapter_model.safetensors, adapter_config.json and a tokenizer, and its model card names a servable base."""
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise RegistryError(f"model dir {path} {what}; run `tunedex finetune` first or pass an exported model dir")
+    adapter = is_adapter(path)
     if not any(path.glob("*.safetensors")):
         raise RegistryError(
             f"model dir {path} has no *.safetensors weights; export with `tunedex finetune` (pickled .bin weights are refused)"
         )
-    for name in ("config.json", "tokenizer_config.json"):
+    for name in ("adapter_config.json" if adapter else "config.json", "tokenizer_config.json"):
         if not (path / name).is_file():
             raise RegistryError(f"model dir {path} has no {name}; it is not a complete exported model")
         try:
@@ -63,6 +66,17 @@ def check_model_dir(path: Path) -> None:
                 fh.keys()
         except Exception as exc:
             raise RegistryError(f"model weights {weights} are unreadable ({exc}); re-export the model") from None
+    if adapter:
+        base = base_model_of(path)
+        if not base or is_adapter(Path(base)):
+            raise RegistryError(f"adapter dir {path}: its model_card.json names no base model dir (base_model_path) "
+                                "to serve it on; export it with `tunedex finetune` or set finetune.lora.merge: true")
+        check_model_dir(Path(base))
+
+
+def is_adapter(path: Path) -> bool:
+    """A LoRA adapter exported unmerged (finetune.lora.merge: false), served on its base model."""
+    return (path / "adapter_config.json").is_file()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -97,6 +111,7 @@ def new_release(model_path: Path, collection: str, embedding_model: str, eval_re
         created_at=now.isoformat(timespec="seconds"),
         eval_report=eval_report or {},
         base_model=base_model_of(model_path),
+        adapter=is_adapter(model_path),
         consistency_level=consistency_level,
     )
 

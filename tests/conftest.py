@@ -47,6 +47,43 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, check: bool = True) -> 
     return proc
 
 
+def sets(*overrides: str) -> list[str]:
+    """`--set K=V` for each override: the one override syntax of every tunedex command."""
+    return [a for kv in overrides for a in ("--set", kv)]
+
+
+def lora_models(root: Path, seeds: tuple[int, ...]) -> tuple[Path, list[Path]]:
+    """A tiny Llama base and one LoRA adapter per seed (random, non-zero B: each one changes the answers),
+    exported as `tunedex finetune` exports with finetune.lora.merge: false (adapter, tokenizer, a card naming
+    the base)."""
+    import json
+
+    import torch
+
+    from tunedex.infra.config import FinetuneConfig
+    from tunedex.workers import base_model as bm
+
+    ft = FinetuneConfig(tiny={"architecture": "llama", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 400},
+                        adapter="lora", lora={"merge": False, "r": 8}, max_length=512)
+    tok = bm.train_tokenizer([f"Product {i} costs {i * 3} dollars; returns within {i} days." for i in range(300)], 400)
+    base = Path(bm.export_base(ft, tok, root / "base"))
+    adapters = []
+    for seed in seeds:
+        spec = bm.model_spec(ft, tok)
+        model = bm.build_model(spec)
+        rng = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if "lora_B" in name:
+                    weight.copy_(torch.randn(weight.shape, generator=rng) * 0.5)
+        out = root / f"adapter-{seed}"
+        bm.save_model(model, spec, out)
+        tok.save_pretrained(out)
+        (out / "model_card.json").write_text(json.dumps({"base_model_path": str(base), "adapter": "lora"}))
+        adapters.append(out)
+    return base, adapters
+
+
 def embedding_model_copy(dst: Path) -> Path:
     """The packaged embedding model under another path: another embedding model id as far as tunedex knows."""
     from tunedex.infra.embedding import resolve_model_path
@@ -102,7 +139,7 @@ def pipeline(stack, demo):
     out = {"cfg": cfg, "path": path, "cwd": cwd}
     out["check"] = run_cli("config", "check", str(path), cwd=cwd)
     out["index"] = run_cli("index", str(demo["day1"]), "-c", str(path), cwd=cwd)
-    out["finetune"] = run_cli("finetune", str(path), "finetune.max_steps=30", cwd=cwd)
+    out["finetune"] = run_cli("finetune", str(path), "--set", "finetune.max_steps=30", cwd=cwd)
     out["promote"] = run_cli("promote", "-c", str(path), cwd=cwd)
     out["serve"] = run_cli("serve", "-c", str(path), cwd=cwd)
     return out

@@ -126,3 +126,21 @@ def test_help_and_config_check_load_no_heavy_library(tmp_path):
                          text=True, check=True).stdout
     assert "Commands" in out and "configs/local.yaml: ok" in out
     assert out.splitlines()[-1] == "LOADED []", out.splitlines()[-1]
+
+
+def test_one_override_syntax_a_bare_key_value_is_refused_with_the_set_form(tmp_path):
+    """`--set K=V` on every command; `tunedex finetune CFG k=v` (LLaMA-Factory's form) exits 2 showing `--set`,
+    before anything loads; --set reaches the finetune config like every other command's."""
+    cli = str(Path(sys.executable).parent / "tunedex")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("finetune: {max_steps: 3}\n")
+    bare = subprocess.run([cli, "finetune", str(cfg), "finetune.max_steps=20"], capture_output=True, text=True)
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr
+    assert f"pass it as --set finetune.max_steps=20 (e.g. tunedex finetune {cfg} --set finetune.max_steps=20)" in bare.stderr
+    extra = subprocess.run([cli, "finetune", str(cfg), "other.yaml"], capture_output=True, text=True)
+    assert extra.returncode == 2 and "unexpected argument 'other.yaml'" in extra.stderr
+    bad = subprocess.run([cli, "finetune", str(cfg), "--set", "finetune.max_stepz=20"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "finetune.max_stepz: unknown key; did you mean 'max_steps'" in bad.stderr
+    shown = subprocess.run([cli, "config", "show", "-c", str(cfg), "--set", "finetune.max_steps=20"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "max_steps: 20" in shown

@@ -132,7 +132,7 @@ def test_bad_inputs_fail_with_clear_messages(pipeline, tmp_path):
     assert proc.returncode == 1 and "no *.safetensors weights" in proc.stderr
     train = tmp_path / "t.jsonl"
     train.write_text('{"text": "ok"}\nnot json\n')
-    proc = run_cli("finetune", path, f"finetune.train_file={train}", cwd=cwd, check=False)
+    proc = run_cli("finetune", path, "--set", f"finetune.train_file={train}", cwd=cwd, check=False)
     assert proc.returncode == 1 and "line 2:" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -77,6 +77,33 @@ def test_engine_answers_truncates_batches_and_aborts_a_request_left_early(model_
         check_engine_kwargs({"model": "x"})
 
 
+def test_lora_adapters_are_served_on_one_base_engine_as_hf_merges_them(tmp_path):
+    from conftest import lora_models
+    from tunedex.infra.generation import Sampling, generate_batch, load_generator
+    from tunedex.serving.engine import TextEngine, lora_kwargs
+
+    base, adapters = lora_models(tmp_path, (1, 2))
+    question = [{"role": "user", "content": "How much does product 7 cost?"}]
+    expected = {}
+    for model_dir in (base, *adapters):
+        model, tok = load_generator(str(model_dir))  # evaluation's path: HF, the adapter merged in memory
+        answer = generate_batch(model, tok, [question], [Sampling(max_new_tokens=8)], 8)[0]
+        expected[str(model_dir)] = answer.rstrip("\ufffd")  # vLLM holds back a last incomplete UTF-8 character
+    assert len(set(expected.values())) == 3  # each adapter changes the answer
+
+    async def scenario() -> dict[str, str]:
+        engine = TextEngine(str(base), 8, {"kv_cache_memory_bytes": 64 * 2**20, **lora_kwargs(adapters[0])})
+        try:
+            # the base and both adapters in one batch (with max_loras 2 the base's answer came out wrong)
+            names = ["", *map(str, adapters)]
+            answers = await asyncio.gather(*(engine.generate(question, Sampling(), name) for name in names))
+            return {name or str(base): a.text.rstrip("\ufffd") for name, a in zip(names, answers)}
+        finally:
+            engine.shutdown()
+
+    assert asyncio.run(scenario()) == expected
+
+
 @pytest.mark.slow
 def test_a_client_leaving_mid_stream_aborts_its_request_in_the_engine(pipeline, model_dir):
     cfg, path, cwd = pipeline["cfg"], str(pipeline["path"]), pipeline["cwd"]
@@ -103,4 +130,72 @@ def test_a_client_leaving_mid_stream_aborts_its_request_in_the_engine(pipeline, 
             time.sleep(1)
         assert aborted == 2, f"engine aborts recorded for {release}: {aborted}"
     finally:
+        run_cli("promote", before, "-c", path, cwd=cwd)
+
+
+def serve_applications(config: str) -> list[str]:
+    """The Serve applications on the cluster, asked from a process of its own (Ray reads its token settings
+    when imported: this test process imported it long ago)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tunedex.infra import services; from tunedex.infra.config import load_config; "
+            "from tunedex.serving.control import applications\n"
+            "with services.connect_ray(load_config(sys.argv[1])): print(*applications())")
+    return subprocess.run([sys.executable, "-c", code, config], capture_output=True, text=True, check=True,
+                          timeout=120).stdout.split()
+
+
+@pytest.mark.slow
+def test_lora_releases_on_one_base_share_its_engine_and_swap_without_a_model_load(pipeline, tmp_path):
+    import threading
+
+    from conftest import lora_models
+    from tunedex.serving.control import ENGINE_PREFIX
+
+    cfg, path, cwd = pipeline["cfg"], str(pipeline["path"]), pipeline["cwd"]
+    url = cfg.serve.url
+    before = httpx.get(f"{url}/readyz", timeout=10).json()["release_id"]
+    _, adapters = lora_models(tmp_path, (1, 2))
+    question = {"question": "How much does the Aurora Headphones 100 cost?"}
+
+    def ask(**extra) -> dict:
+        resp = httpx.post(f"{url}/v1/query", json={**question, **extra}, headers=AUTH, timeout=120)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def promote(*args: str) -> tuple[str, str]:
+        out = run_cli("promote", *args, "-c", path, cwd=cwd).stdout
+        return re.search(r"promoted (rel-\S+):", out).group(1), out
+
+    statuses, stop = [], threading.Event()
+
+    def load() -> None:  # a client asking all through the swaps
+        while not stop.is_set():
+            statuses.append(httpx.post(f"{url}/v1/query", json=question, headers=AUTH, timeout=120).status_code)
+
+    try:
+        first, out = promote("--model", str(adapters[0]))
+        assert "(the endpoint now serves it)" in out and "loaded)" not in out, out  # its base loaded
+        answer_1 = ask()
+        assert answer_1["release_id"] == first and answer_1["sources"]
+        client = threading.Thread(target=load)
+        client.start()
+        second, out = promote("--model", str(adapters[1]))
+        assert "its model was already loaded" in out, out  # the second adapter started on the running base
+        engines = [name for name in serve_applications(path) if name.startswith(ENGINE_PREFIX)]
+        assert len(engines) == 1, engines  # the serving release (an adapter) and the previous one share it
+        answer_2 = ask()
+        base = ask(mode="rag")  # the base answers `mode: rag` on the same prompt, no second engine
+        assert answer_2["release_id"] == base["release_id"] == second
+        # each release generates with its own adapter (exactly as HF merges it: the engine test above)
+        assert len({base["answer"], answer_1["answer"], answer_2["answer"]}) == 3
+        back, out = promote(first)
+        assert back == first and "it was still loaded" in out, out
+        stop.set()
+        client.join(timeout=300)
+        assert statuses and set(statuses) == {200}, statuses
+        assert ask()["release_id"] == first
+    finally:
+        stop.set()
         run_cli("promote", before, "-c", path, cwd=cwd)

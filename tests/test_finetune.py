@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from conftest import run_cli
+from conftest import run_cli, sets
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def summary(proc) -> re.Match:
 
 def finetune(stack, *overrides, check=True):
     path, _ = stack
-    return run_cli("finetune", str(path), *overrides, cwd=path.parent, check=check)
+    return run_cli("finetune", str(path), *sets(*overrides), cwd=path.parent, check=check)
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
@@ -82,7 +82,7 @@ def test_an_eval_set_smaller_than_the_worker_count_does_not_hang(stack):
     """Packed, the held-out examples fit in one sequence: one rank has none to evaluate and must still
     take part in the eval all-reduce (it once skipped it, and both ranks waited forever)."""
     path, _ = stack
-    m = summary(run_cli("finetune", str(path), "finetune.packing=true", "finetune.eval_ratio=0.02",
-                        "finetune.max_steps=6", "finetune.eval_steps=3", "finetune.ray.run_name=small-eval",
+    m = summary(run_cli("finetune", str(path), *sets("finetune.packing=true", "finetune.eval_ratio=0.02",
+                        "finetune.max_steps=6", "finetune.eval_steps=3", "finetune.ray.run_name=small-eval"),
                         cwd=path.parent, timeout=300))
     assert m.group(2) == "6" and float(m.group(6)) > 0

@@ -172,3 +172,46 @@ def test_stale_extension_build_locks_are_cleared_and_fresh_ones_kept(tmp_path, m
     os.utime(stale, (old, old))
     assert ft.clear_stale_build_locks(max_age_s=300) == [stale]
     assert not stale.exists() and fresh.exists()
+
+
+def test_an_unmerged_adapter_exports_alone_loads_on_its_base_and_bad_ones_are_refused(tmp_path):
+    import shutil
+
+    from pydantic import ValidationError
+    from safetensors import safe_open
+
+    from conftest import lora_models
+    from tunedex.infra import registry
+    from tunedex.infra.generation import load_generator
+
+    base, [adapter] = lora_models(tmp_path, (1,))
+    assert sorted(p.name for p in adapter.glob("*.safetensors")) == ["adapter_model.safetensors"]
+    registry.check_model_dir(adapter)
+    assert registry.is_adapter(adapter) and not registry.is_adapter(base)
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        assert f.keys() and all("lora_" in k for k in f.keys())  # the adapter alone, not the base's weights
+
+    merged, tok = load_generator(str(adapter))  # evaluation's loader: the base with the adapter merged in
+    plain, _ = load_generator(str(base))
+    ids = tok("Product 7 costs", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert not torch.allclose(merged(ids).logits, plain(ids).logits)  # the adapter changes the model
+
+    spec = bm.model_spec(FinetuneConfig(tiny={"architecture": "llama", "n_embd": 128, "n_head": 4},
+                                        adapter="lora", lora={"merge": True}), tok)
+    bm.save_model(bm.build_model(spec), spec, tmp_path / "merged")
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
+        assert f.keys() and not any("lora" in k for k in f.keys())  # merge: true exports a plain model
+
+    orphan = tmp_path / "orphan"
+    shutil.copytree(adapter, orphan)
+    (orphan / "model_card.json").unlink()
+    with pytest.raises(registry.RegistryError, match="names no base model dir"):
+        registry.check_model_dir(orphan)
+    (orphan / "adapter_model.safetensors").rename(orphan / "adapter_model.bin")
+    with pytest.raises(registry.RegistryError, match="pickled .bin weights are refused"):
+        registry.check_model_dir(orphan)
+    with pytest.raises(ValidationError, match="no LoRA for GPT-2"):
+        FinetuneConfig(adapter="lora", lora={"merge": False})
+    with pytest.raises(bm.BaseModelError, match="must be a local model dir"):
+        bm.check_base_model(FinetuneConfig(base_model="org/model", adapter="lora", lora={"merge": False}))

@@ -30,7 +30,7 @@ def test_submission_id_follows_config_and_data_but_not_the_run_name(tmp_path):
 
 def test_job_entrypoint_is_the_cli_with_the_run_name_pinned():
     cmd = entrypoint(TunedexConfig(), "/cfg dir/t.yaml", ["finetune.max_steps=5"], "tunedex-ft-abc")
-    assert cmd.endswith("-m tunedex.cli finetune '/cfg dir/t.yaml' finetune.max_steps=5 finetune.ray.run_name=tunedex-ft-abc")
+    assert cmd.endswith("-m tunedex.cli finetune '/cfg dir/t.yaml' --set finetune.max_steps=5 --set finetune.ray.run_name=tunedex-ft-abc")
     assert entrypoint(TunedexConfig(ray={"address": "ray://head:10001"}), "c.yaml", [], "r").startswith("python -m")
 
 

@@ -512,7 +512,7 @@ def test_rayjobs_run_the_tunedex_commands_on_their_own_cluster(out, cfg):
     finetune, embed = jobs(out)
     assert finetune["metadata"]["name"] == "tunedex-finetune"
     assert finetune["spec"]["entrypoint"].startswith(
-        "tunedex finetune /etc/tunedex/config.yaml finetune.ray.run_name=tunedex-finetune")
+        "tunedex finetune /etc/tunedex/config.yaml --set finetune.ray.run_name=tunedex-finetune")
     assert embed["spec"]["entrypoint"].startswith(f"tunedex index {cfg.corpus.path} -c /etc/tunedex/config.yaml")
     for job in (finetune, embed):
         assert "ray.address=auto" in job["spec"]["entrypoint"]  # not the endpoint's cluster in the config

@@ -228,17 +228,23 @@ def watch(
     typer.echo("stopped")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@app.command()
 @friendly_errors
 def finetune(
-    args: Annotated[Optional[list[str]], typer.Argument(help="CONFIG.yaml, then key=value overrides, e.g. finetune.max_steps=20")] = None,
+    args: Annotated[Optional[list[str]], typer.Argument(help="CONFIG.yaml (or use -c)", metavar="[CONFIG]")] = None,
     config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Fine-tune the model with DeepSpeed on Ray Train; export safetensors + tokenizer."""
     args = list(args or [])
-    if args and args[0].endswith((".yaml", ".yml")):
+    if args and "=" not in args[0]:
         config = Path(args.pop(0))
-    cfg = setup(config, args)
+    if args and "=" in args[0]:  # one override syntax for every command
+        raise ConfigError(f"{args[0]!r} looks like an override: pass it as --set {args[0]} "
+                          f"(e.g. tunedex finetune {config or 'CONFIG.yaml'} --set {args[0]})")
+    if args:
+        raise ConfigError(f"unexpected argument {args[0]!r}: finetune takes one CONFIG file and --set KEY=VALUE overrides")
+    cfg = setup(config, set_)
     from tunedex.infra.services import connect_ray
     from tunedex.workers.finetune import main
 
@@ -272,6 +278,7 @@ def promote(
 
 # what `promote` and `rollback` add to their line, by what the promotion did (serving.control.Swap)
 SWAPPED = {"registry": "", "warm": " (the endpoint now serves it; it was still loaded)",
+           "shared": " (the endpoint now serves it; its model was already loaded)",
            "loaded": " (the endpoint now serves it)"}
 
 

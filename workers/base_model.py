@@ -65,6 +65,12 @@ def check_base_model(ft: FinetuneConfig) -> None:
                 f"finetune.base_model {ft.base_model!r} is neither an existing model dir nor a hub id (org/name); "
                 "set it to a local Hugging Face model dir or a hub id"
             )
+        if ft.adapter == "lora" and not ft.lora.merge:
+            raise BaseModelError(
+                f"finetune.lora.merge: false serves the adapter on its base, which must be a local model dir, not the "
+                f"hub id {ft.base_model!r}: download it (`hf download {ft.base_model} --local-dir DIR`) and set "
+                "finetune.base_model: DIR, or set finetune.lora.merge: true"
+            )
         return  # a hub id: from_pretrained resolves it (and fails clearly when offline)
     if not path.is_dir():
         raise BaseModelError(f"finetune.base_model {path} is not a directory; point it at a Hugging Face model dir")
@@ -128,6 +134,14 @@ def build_model(spec: dict[str, Any]) -> Any:
             target_modules=lora["target_modules"], task_type="CAUSAL_LM",
         ))
     return model
+
+
+def save_model(model: Any, spec: dict[str, Any], out: Path) -> None:
+    """The trained model as safetensors: the whole model (LoRA merged into it), or with finetune.lora.merge: false
+    the adapter alone (adapter_config.json + adapter_model.safetensors), which vLLM serves on its base."""
+    if spec.get("lora") and spec["lora"]["merge"]:
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
 
 
 def export_base(ft: FinetuneConfig, tokenizer: Any, out: Path) -> str:

@@ -25,7 +25,7 @@ from tunedex.infra.config import FinetuneConfig, TunedexConfig
 from tunedex.infra.errors import TunedexError
 from tunedex.infra.ids import content_hash
 from tunedex.workers import sft_data
-from tunedex.workers.base_model import build_model, export_base, model_spec, prepare_tokenizer
+from tunedex.workers.base_model import build_model, export_base, model_spec, prepare_tokenizer, save_model
 from tunedex.workers.checkpoints import RayTrainIO, check_resume_point, load_checkpoint, run_dir, save_checkpoint
 from tunedex.workers.sft_data import DataError, load_examples
 
@@ -279,7 +279,8 @@ def train(config: LoopConfig, rank: int, world: int, io: Any) -> dict[str, Any]:
 
 
 def export_model(engine: Any, io: Any, rank: int, spec: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Rank 0 rebuilds the model from the full (gathered) weights, merges LoRA, saves safetensors."""
+    """Rank 0 rebuilds the model from the full (gathered) weights and saves safetensors: the whole model, LoRA
+    merged into it, or (finetune.lora.merge: false) the adapter alone."""
     import deepspeed
 
     module = engine.module
@@ -293,10 +294,8 @@ def export_model(engine: Any, io: Any, rank: int, spec: dict[str, Any], metrics:
         return
     model = build_model(spec)
     model.load_state_dict(state)
-    if spec.get("lora"):
-        model = model.merge_and_unload()
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_model(model, spec, Path(tmp))
         Path(tmp, "metrics.json").write_text(json.dumps(metrics))
         io.report(metrics, tmp)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, sets
 from tunedex.infra.config import TunedexConfig
 from tunedex.workers.checkpoints import MARKER, verify_checkpoint
 
@@ -39,7 +39,7 @@ RAY_FORWARDED = re.compile(r"(\x1b\[\d+m)?\(\w+ pid=")
 def tunedex(stack, *overrides: str) -> subprocess.Popen:
     """`tunedex finetune CONFIG OVERRIDES` started in the background, as a user would."""
     path, _ = stack
-    cmd = [str(Path(sys.executable).parent / "tunedex"), "finetune", str(path), *overrides]
+    cmd = [str(Path(sys.executable).parent / "tunedex"), "finetune", str(path), *sets(*overrides)]
     return subprocess.Popen(cmd, cwd=path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -147,7 +147,7 @@ def assert_every_rank_saved(run: Path, world: int) -> int:
 def uninterrupted(stack) -> dict:
     """The same 40 steps without a fault (ZeRO-2 and ZeRO-3 give the same losses): the band to stay in."""
     path, _ = stack
-    m = summary(run_cli("finetune", str(path), *ARGS, "finetune.ray.run_name=s6-uninterrupted", cwd=path.parent).stdout)
+    m = summary(run_cli("finetune", str(path), *sets(*ARGS, "finetune.ray.run_name=s6-uninterrupted"), cwd=path.parent).stdout)
     card = json.loads((Path(m.group(6)) / "model_card.json").read_text())
     return {**{s: card["metrics"]["losses"][s - 1] for s in (10, 20, 30, 40)}, "eval": float(m.group(5))}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, sets
 from reliability.prefect_stack import prefect_api  # noqa: F401 - a fixture (flows_setup's Prefect server)
 from reliability.test_s06_finetune_worker_kill import (registered_checkpoints, summary, train_workers, tunedex,
                                                        wait_for_checkpoints)
@@ -90,7 +90,7 @@ def test_a_killed_driver_resumes_when_the_same_run_is_submitted_again(stack, rec
     assert card["metrics"]["resumed_from_step"] == last_step and card["metrics"]["steps"] == STEPS
     assert len(card["metrics"]["losses"]) == STEPS
     # a new name with the same storage starts from step 0
-    fresh = summary(run_cli("finetune", str(path), "finetune.max_steps=5", "finetune.ray.run_name=" + name + "-new",
+    fresh = summary(run_cli("finetune", str(path), *sets("finetune.max_steps=5", f"finetune.ray.run_name={name}-new"),
                             cwd=path.parent).stdout)
     assert fresh.group(3) is None and fresh.group(2) == "5"
     record_property("held", f"driver pid {drivers[0].pid} killed after the checkpoint at step {last_step}: job "
@@ -122,8 +122,8 @@ def test_a_checkpoint_cut_short_by_a_kill_is_never_loaded(stack, record_property
     assert partial.name not in {c["dir"].name for c in registered_checkpoints(run)}
     with pytest.raises(CheckpointError, match="lacks rank 1's completion marker"):
         verify_checkpoint(partial, world=2)
-    again = run_cli("finetune", str(path), f"finetune.max_steps={STEPS}", f"finetune.save_steps={SAVE}",
-                    "finetune.logging_steps=5", f"finetune.ray.run_name={name}", cwd=path.parent)
+    again = run_cli("finetune", str(path), *sets(f"finetune.max_steps={STEPS}", f"finetune.save_steps={SAVE}",
+                    "finetune.logging_steps=5", f"finetune.ray.run_name={name}"), cwd=path.parent)
     assert f"ignoring partial checkpoint {partial}: rank 1's completion marker is missing" in again.stderr
     m = summary(again.stdout)
     assert m.group(2) == str(STEPS) and m.group(3) == str(last_step)  # the complete one, not the partial (step 10)

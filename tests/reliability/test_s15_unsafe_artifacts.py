@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, write_config
+from conftest import run_cli, sets, write_config
 from reliability.test_s06_finetune_worker_kill import registered_checkpoints, summary, train_workers, tunedex
 from tunedex.infra import registry
 from tunedex.infra.config import CorpusConfig, FinetuneConfig, TunedexConfig
@@ -243,7 +243,7 @@ def test_an_altered_or_outside_checkpoint_is_refused_and_the_export_is_safetenso
     original = shard.read_bytes()
     flip_a_byte(shard)
     started = time.monotonic()
-    altered = run_cli("finetune", str(path), *args, cwd=path.parent, check=False)
+    altered = run_cli("finetune", str(path), *sets(*args), cwd=path.parent, check=False)
     took = time.monotonic() - started
     assert altered.returncode == 1, altered.stdout[-2000:] + altered.stderr[-2000:]
     assert f"checkpoint file {shard} is missing or altered (hash mismatch); not loading it" in altered.stderr
@@ -252,11 +252,11 @@ def test_an_altered_or_outside_checkpoint_is_refused_and_the_export_is_safetenso
     away = tmp_path / ckpt["dir"].name
     shutil.move(ckpt["dir"], away)
     ckpt["dir"].symlink_to(away, target_is_directory=True)
-    outside = run_cli("finetune", str(path), *args, cwd=path.parent, check=False)
+    outside = run_cli("finetune", str(path), *sets(*args), cwd=path.parent, check=False)
     assert outside.returncode == 1 and "points outside the run dir" in outside.stderr, outside.stderr[-2000:]
     ckpt["dir"].unlink()
     shutil.move(away, ckpt["dir"])
-    m = summary(run_cli("finetune", str(path), *args, cwd=path.parent).stdout)  # restored: resumes
+    m = summary(run_cli("finetune", str(path), *sets(*args), cwd=path.parent).stdout)  # restored: resumes
     assert m.group(2) == "20" and m.group(3) == str(ckpt["step"])
     out = Path(m.group(6))
     files = [p for p in out.rglob("*") if p.is_file()]
