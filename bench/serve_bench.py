@@ -2,6 +2,7 @@
 
     python bench/serve_bench.py --size small                    # GPT-2-small shape (12 x 768, random weights)
     python bench/serve_bench.py --phases engine,endpoint,ttft   # tiny GPT-2 (2 layers)
+    python bench/serve_bench.py --size small --arch llama       # a Llama of the same shape
 
 Targets (issue 15): requests/s at concurrency 16, generation only: vLLM (`TextEngine`) / Hugging Face `generate`
 on the same 16 prompts in one left-padded batch (the best case of the former `@serve.batch` engine) >= 3x;
@@ -159,8 +160,9 @@ def vllm_offline(model: Path, prompts: list[list[int]], new_tokens: int, reps: i
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from tunedex.serving.engine import engine_kwargs
+    from tunedex.serving.engine import engine_kwargs, use_every_core
 
+    use_every_core()  # as TextEngine does on CPU: both arms compute on the same cores
     llm = LLM(model=str(model), **engine_kwargs({}, on_gpu=False))
     params = SamplingParams(max_tokens=new_tokens, temperature=0)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
@@ -296,12 +298,14 @@ def phase_swap(cfg, path: Path, model: Path, collection: str, questions: list[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2", help="the random-weight model's architecture")
     parser.add_argument("--phases", default="engine,endpoint,ttft,overhead,swap")
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens per answer (serve.max_new_tokens)")
     parser.add_argument("--reps", type=int, default=3, help="passes over the prompts per measured arm")
     args = parser.parse_args()
     phases = args.phases.split(",")
-    results: dict = {"size": args.size, "shape": SHAPES[args.size]}
+    shape = {**SHAPES[args.size], "architecture": args.arch}
+    results: dict = {"size": args.size, "shape": shape}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         path = write_config(tmp, args.new_tokens)
@@ -309,7 +313,7 @@ def main() -> None:
         os.environ.update(services.ray_env(cfg))  # before anything imports ray (vLLM does)
         demo = write_demo_data(tmp / "demo")
         texts = [p.read_text() for p in demo["day1"].rglob("*.md")]
-        model = build_model(tmp / f"model-{args.size}", texts, SHAPES[args.size])
+        model = build_model(tmp / f"model-{args.size}", texts, shape)
         questions = [json.loads(line)["question"] for line in demo["qa"].read_text().splitlines()][:20]
         if "engine" in phases:  # in-process, before the stack starts
             results["engine"] = phase_engine(model, questions, args.new_tokens, args.reps)
@@ -341,7 +345,7 @@ def main() -> None:
                     print("swap", results["swap"], flush=True)
         finally:
             services.down(cfg)
-    out = REPO / "bench" / "results" / f"serve_bench_{args.size}.json"
+    out = REPO / "bench" / "results" / f"serve_bench_{args.size}_{args.arch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -61,6 +61,15 @@ def lora_kwargs(adapter_dir: Path) -> dict[str, Any]:
     return {"enable_lora": True, "max_lora_rank": fits[0], "max_loras": 3}
 
 
+def use_every_core() -> None:
+    """On CPU the engine is the one compute-heavy part of the endpoint, so it gets every core this process may
+    run on. vLLM's CPU build binds its model to all cores but one, which it keeps for its scheduler (half of a
+    2-core machine: 0.73x Hugging Face `generate` instead of 1.14x, bench/README.md), and Ray sets
+    OMP_NUM_THREADS to a replica's num_cpus (1 for a fraction). A VLLM_CPU_OMP_THREADS_BIND the user set wins."""
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
+
+
 def check_engine_kwargs(configured: dict[str, Any]) -> None:
     """Unknown names fail here, before a replica starts, naming the key (vLLM would fail inside the replica)."""
     import dataclasses
@@ -101,6 +110,8 @@ class TextEngine:
         check_model_dir(Path(model_path))  # before anything reads it: safetensors only, no remote code
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         args = engine_kwargs(configured or {}, torch.cuda.is_available())
+        if not torch.cuda.is_available():
+            use_every_core()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_path, trust_remote_code=False, **args))
         self.context = self.engine.model_config.max_model_len
         self.max_new_tokens = max_new_tokens
@@ -172,10 +183,6 @@ class Generator:
     concurrent requests, for every release that calls it."""
 
     def __init__(self, model_path: str, max_new_tokens: int, configured: dict[str, Any]):
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # Ray already placed this replica
-        # Ray sets OMP_NUM_THREADS to the replica's num_cpus (1 for a fraction): on CPU the engine is the one
-        # compute-heavy part of the endpoint, so it gets the cores this process may run on.
-        os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
         self.engine = TextEngine(model_path, max_new_tokens, configured)
 
     async def generate(self, prompt: Prompt, sampling: Sampling, adapter: str = "") -> Generated:
