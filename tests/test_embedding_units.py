@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tunedex.infra.config import EmbeddingConfig
-from tunedex.infra.embedding import _onnx_export, load_embedder, resolve_model_path
+from tunedex.infra.embedding import ONNX_BATCH_TOKENS, _onnx_export, load_embedder, onnx_batches, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +27,18 @@ def test_onnx_vectors_match_plain_encode(embedder):
     assert cosines.min() >= 0.999, f"chunk {int(cosines.argmin())}: cosine {cosines.min():.5f} against plain encode"
     assert embedder.truncated == 1
     assert len(texts) > 20
+
+
+def test_onnx_batches_cover_every_input_once_within_the_row_and_token_caps():
+    lengths = sorted([3] * 40 + [100] * 9 + [200] * 3 + [5000])  # 5000: one row over the token cap alone
+    batches = onnx_batches(lengths, max_rows=32)
+    covered = [i for b in batches for i in range(len(lengths))[b]]
+    assert covered == list(range(len(lengths)))
+    for b in batches:
+        rows = lengths[b]
+        assert len(rows) <= 32 and (len(rows) == 1 or len(rows) * max(rows) <= ONNX_BATCH_TOKENS), rows
+    assert [len(lengths[b]) for b in batches][:2] == [32, 10] and lengths[batches[-1]] == [5000]
+    assert onnx_batches([], 8) == []
 
 
 def test_onnx_model_is_fused_and_torch_model_untouched(embedder):
