@@ -10,11 +10,13 @@ with the same training run name, so the new job resumes from the last complete c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -97,18 +99,27 @@ def submit_or_follow(client: Any, base_id: str, command: str) -> tuple[str, bool
 
 
 def follow(client: Any, job_id: str, log: Any, poll_s: float = 2.0) -> str:
-    """Stream the job's new log lines into `log` until it ends; return its final status."""
-    shown = 0
-    while True:
-        status = job_status(client, job_id)
-        logs = client.get_job_logs(job_id)
-        for line in logs[shown:].splitlines():
-            if line.strip():
-                log.info(line)
-        shown = len(logs)
-        if status in TERMINAL:
-            return status
+    """Stream the job's log lines into `log` as its driver writes them (Ray's log tail, a websocket that closes
+    when the job ends), then return its final status. A stream cut short (a dashboard restart) is said in the
+    log, and the status is polled to the end."""
+    async def tail() -> None:
+        pending = ""
+        async for piece in client.tail_job_logs(job_id):
+            *lines, pending = (pending + piece).split("\n")
+            for line in lines:
+                if line.strip():
+                    log.info(line)
+        if pending.strip():
+            log.info(pending)
+
+    try:  # in a thread of its own: the caller (a Prefect task) may already run an event loop
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, tail()).result()
+    except RuntimeError as exc:
+        log.info(f"the log stream of job {job_id} ended early ({exc}); waiting for the job to end")
+    while (status := job_status(client, job_id)) not in TERMINAL:
         time.sleep(poll_s)
+    return status
 
 
 @task(retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=transient)

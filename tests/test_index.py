@@ -1,5 +1,10 @@
 """Indexing into the real Milvus Lite server: idempotent, incremental, deletes propagate."""
 
+import json
+import shutil
+import subprocess
+import sys
+
 import pytest
 
 from conftest import embedding_model_copy
@@ -137,3 +142,24 @@ def test_ledger_is_read_per_doc_and_chunk_ids_only_for_the_docs_named(cfg):
         client.drop_collection(name)
     finally:
         client.close()
+
+
+def test_a_run_over_an_unchanged_corpus_loads_no_tokenizer_or_torch(stack, cfg, demo, tmp_path):
+    """A no-op index in a fresh process: the tokenizer (and with it torch, most of a no-op CLI run's seconds) is
+    loaded only when a document needs chunking; a changed document still gets it."""
+    first = index_corpus(cfg, demo["day1"])
+    assert first.chunks_embedded > 0
+    probe = ("import json, sys\nfrom pathlib import Path\nfrom tunedex.infra.config import load_config\n"
+             "from tunedex.workers.embed import index_corpus\n"
+             "r = index_corpus(load_config(sys.argv[1], [f'milvus.collection={sys.argv[3]}']), Path(sys.argv[2]))\n"
+             "print(json.dumps([r.docs_unchanged, r.chunks_embedded, 'torch' in sys.modules, 'transformers' in sys.modules]))")
+    args = [sys.executable, "-c", probe, str(stack[0]), str(demo["day1"]), cfg.milvus.collection]
+    noop = subprocess.run(args, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    assert json.loads(noop) == [33, 0, False, False]
+    corpus = tmp_path / "corpus"
+    shutil.copytree(demo["day1"], corpus)
+    page = next(corpus.rglob("*.md"))
+    page.write_text(page.read_text() + "\nNew: a matching carrying case is sold separately.\n")
+    args[4] = str(corpus)
+    changed = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    assert changed[0] == 32 and changed[1] >= 1 and changed[3] is True

@@ -25,6 +25,7 @@ stored, and documents that could not be read keep their stored chunks.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import time
@@ -319,12 +320,25 @@ def index_lock(cfg: TunedexConfig, name: str) -> Iterator[None]:
         yield
 
 
+def chunker(cfg: TunedexConfig) -> Callable[[str], list[str]]:
+    """`chunk_text` with the embedding model's tokenizer, loaded when the first document needs chunking: a run
+    over an unchanged corpus loads no tokenizer (and so no torch: most of a no-op `tunedex index`'s time)."""
+    @functools.cache
+    def setup() -> tuple[Any, int, int]:
+        tokenizer, max_tokens = load_tokenizer(cfg.embedding)
+        size = min(cfg.chunking.chunk_size, max_tokens)
+        return tokenizer, size, min(cfg.chunking.chunk_overlap, size - 1)
+
+    def chunk(text: str) -> list[str]:
+        tokenizer, size, overlap = setup()
+        return chunk_text(text, tokenizer, size, overlap)
+
+    return chunk
+
+
 def _index_pass(cfg: TunedexConfig, root: Path, name: str, dry_run: bool, client: Any) -> IndexReport:
     started = time.monotonic()
     docs, skipped = load_documents(root, cfg.corpus)
-    tokenizer, max_tokens = load_tokenizer(cfg.embedding)
-    size = min(cfg.chunking.chunk_size, max_tokens)
-    overlap = min(cfg.chunking.chunk_overlap, size - 1)
     own_client = client is None
     client = store.connect(cfg.milvus) if own_client else client
     exists = client.has_collection(name)
@@ -338,7 +352,7 @@ def _index_pass(cfg: TunedexConfig, root: Path, name: str, dry_run: bool, client
     keep = {doc_id for doc_id in states if doc_id.split("#")[0] in failed_files}
     needed = docs_to_read(docs, states, keep)
     stored = store.read_doc_chunks(client, name, states, needed) if needed else {}
-    plan = plan_sync(docs, states, keep, lambda t: chunk_text(t, tokenizer, size, overlap), cfg.embedding.model, stored)
+    plan = plan_sync(docs, states, keep, chunker(cfg), cfg.embedding.model, stored)
     if plan.drift:
         log.warning("the store drifted from the corpus in %d unchanged docs (missing %d, orphans %d, stale %d); "
                     "repairing", plan.drift.docs, plan.drift.missing, plan.drift.orphans, plan.drift.stale)

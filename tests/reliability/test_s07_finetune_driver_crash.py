@@ -11,7 +11,9 @@ two threads submitting one submission id at once through the Jobs API: one job, 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -189,3 +191,19 @@ def test_two_quick_submissions_of_one_id_yield_one_job(stack, record_property):
     assert wait_for_job(client, base, timeout=60) == "SUCCEEDED"
     assert [j.submission_id for j in client.list_jobs() if (j.submission_id or "").startswith(base)] == [base]
     record_property("held", "2 simultaneous submissions of one id: 1 job (one submitted, one followed), SUCCEEDED")
+
+
+def test_follow_streams_a_jobs_lines_as_they_come_and_returns_its_status(stack):
+    """`follow` tails the job's log (no re-download of the whole log per poll): every line once, in order, a
+    line written in two pieces kept whole, and the final status, for a job that fails and one already over."""
+    client = job_client(stack[1])
+    base = f"tunedex-follow-{time.time_ns()}"
+    script = "import sys, time\nfor i in range(3):\n    print(f'line {i}', flush=True); time.sleep(1)\n" \
+             "sys.stdout.write('half '); sys.stdout.flush(); time.sleep(1); print('whole', flush=True)\nsys.exit(3)"
+    job, _ = submit_or_follow(client, base, f"{sys.executable} -c {shlex.quote(script)}")
+    log = Lines()
+    assert follow(client, job, log, poll_s=0.2) == "FAILED"
+    assert [ln for ln in log.lines if ln.startswith(("line", "half"))] == ["line 0", "line 1", "line 2", "half whole"]
+    again = Lines()
+    assert follow(client, job, again, poll_s=0.2) == "FAILED"  # over already: its whole log, once
+    assert [ln for ln in again.lines if ln.startswith(("line", "half"))] == ["line 0", "line 1", "line 2", "half whole"]
