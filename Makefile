@@ -54,7 +54,7 @@ demo: install
 	@echo "  $(BIN)/tunedex ask \"What warranty does the Basalt Keyboard 101 have?\""
 	@echo "Day 2: $(BIN)/tunedex flows run nightly-reembed --corpus $(DEMO)/day2/corpus   Stop: make down"
 
-# Fine-tune vs RAG vs both for real, on CPU (~8 min on 2 cores): a tiny base pretrained on reading practice, fine-tuned
+# Fine-tune vs RAG vs both for real, on CPU (~6 min on 2 cores): a tiny base pretrained on reading practice, fine-tuned
 # on day 1, measured on day 2. Its files go under $(EFFECT)/, its chunks into a collection of its own.
 demo-effect: install
 	$(BIN)/tunedex up -c $(CONFIG)

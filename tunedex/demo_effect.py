@@ -1,9 +1,9 @@
 """`tunedex demo-effect OUT`: the fine-tune / RAG trade-off shown for real, on CPU, with tiny models.
 
-1. A base model is pretrained (loss on every token) on reading practice over another catalog
+1. A base model is pretrained (loss on the answers) on reading practice over another catalog
    (`demo_data.reading_examples`). It stands in for a hub model, which can already answer from a text
-   it is given: a 2-layer model learns to copy a name and a price from one retrieved chunk in about
-   a thousand steps, not from three, so the evaluation retrieves one chunk (`serve.top_k=1`).
+   it is given: a 2-layer model learns to copy a name and a price from one retrieved chunk in a few
+   hundred steps, not from three, so the evaluation retrieves one chunk (`serve.top_k=1`).
 2. It is fine-tuned on day 1 (`train.jsonl`: each fact closed-book and grounded, in the house style).
 3. The corpus moves on: day 2 is indexed, and base / fine-tuned / RAG / hybrid answer the day-2 QA set
    (`contains`: the reference sentence in the answer; token F1 hides a stale price among right words).
@@ -19,11 +19,13 @@ from typing import Any
 
 from tunedex.infra.config import TunedexConfig, load_config
 
-# Reading practice for the base: the prompt and the documents are what the model must learn to copy from.
-BASE = ["finetune.completion_only_loss=false", "finetune.packing=true", "finetune.max_length=512",
+# Reading practice for the base: the answers are what the model must learn to copy from the documents. Loss on the
+# answers only: on reading practice + day 1 in one run of 500 steps, answers-only loss gave contains 0.66 (hybrid,
+# day 1) where loss on every token gave 0.30 (the prompt's tokens take the gradient and teach no copying).
+BASE = ["finetune.completion_only_loss=true", "finetune.packing=true", "finetune.max_length=512",
         "finetune.per_device_train_batch_size=4", "finetune.learning_rate=3e-3", "finetune.warmup_steps=20",
-        "finetune.max_steps=1000", "finetune.logging_steps=100", "finetune.eval_steps=1000",
-        "finetune.save_steps=500", "finetune.eval_ratio=0.02", "finetune.ray.run_name=effect-base"]
+        "finetune.max_steps=600", "finetune.logging_steps=100", "finetune.eval_steps=600",
+        "finetune.save_steps=300", "finetune.eval_ratio=0.02", "finetune.ray.run_name=effect-base"]
 # The day-1 fine-tune: the answers only (the house style and the facts), from the base's weights.
 FINETUNE = ["finetune.completion_only_loss=true", "finetune.packing=true", "finetune.max_length=512",
             "finetune.per_device_train_batch_size=4", "finetune.learning_rate=2e-3", "finetune.warmup_steps=20",
