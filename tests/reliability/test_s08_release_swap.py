@@ -49,7 +49,7 @@ class Load:
 
 
 @contextlib.contextmanager
-def under_load(url: str, queries: int = 3, streams: int = 1):
+def under_load(url: str, queries: int = 3, streams: int = 1, stream_tokens: int = 24):
     """`queries` /v1/query clients, `streams` streaming clients (the openai client and raw server-sent events by
     turns) and a /readyz poller, in threads, until the block ends; the swaps start after 4 s of baseline."""
     import openai
@@ -78,7 +78,7 @@ def under_load(url: str, queries: int = 3, streams: int = 1):
 
     def openai_stream(client: openai.OpenAI) -> tuple[bool, str]:
         chunks = list(client.chat.completions.create(
-            model="tunedex", stream=True, max_tokens=24,
+            model="tunedex", stream=True, max_tokens=stream_tokens,
             messages=[{"role": "user", "content": "Tell me about the Quartz lamp"}]))
         ok = chunks[-1].choices[0].finish_reason == "stop" and len({c.model for c in chunks}) == 1
         return ok, chunks[0].model_extra["release_id"]
@@ -86,7 +86,7 @@ def under_load(url: str, queries: int = 3, streams: int = 1):
     def raw_stream(http: httpx.Client) -> tuple[bool, str]:
         """The same stream read as server-sent events: it must end with `data: [DONE]` (the openai client
         consumes that line unseen), every chunk from one release."""
-        body = {"model": "tunedex", "stream": True, "max_tokens": 24,
+        body = {"model": "tunedex", "stream": True, "max_tokens": stream_tokens,
                 "messages": [{"role": "user", "content": "Tell me about the Quartz lamp"}]}
         with http.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH) as resp:
             events = [line.removeprefix("data: ") for line in resp.iter_lines() if line.startswith("data: ")]
@@ -171,8 +171,8 @@ def test_promote_rollback_and_a_corrupt_release_under_load_drop_nothing(pipeline
 # five vLLM engine loads (A's and B's models, B's base, a failing release, B cold again) on 2 shared cores
 @pytest.mark.soak
 @pytest.mark.timeout(2400)
-@pytest.mark.scenario("S8", "promote A->B, rollback, a corrupt and a failing release, cold re-promote of B, under 3 "
-                            "query clients + 1 openai streaming client")
+@pytest.mark.scenario("S8", "promote A->B, rollback, a corrupt and a failing release, cold re-promote of B, under 8 "
+                            "clients: 4 query and 4 streaming (openai and raw SSE), streams of up to 48 tokens")
 def test_release_swap_under_load_drops_nothing(pipeline, tmp_path, record_property):
     """promote A -> B, rollback -> A, two broken releases refused, promote B again (cold load), all while
     clients query and stream; every answer names the release that produced it."""
@@ -180,7 +180,7 @@ def test_release_swap_under_load_drops_nothing(pipeline, tmp_path, record_proper
     url = cfg.serve.url
     a = serving(url)
     model_b = model_copy(cfg, a, tmp_path / "model-b")
-    with under_load(url) as load:
+    with under_load(url, queries=4, streams=4, stream_tokens=48) as load:  # RELIABILITY.md: 8 clients, 4 streams
         b = promote_model(model_b, path, cwd, "--set", "serve.serve_base_model=true")
         assert b != a and serving(url) == b
         rag = httpx.post(f"{url}/v1/query", json={"question": "When is shipping free?", "mode": "rag"},
