@@ -109,8 +109,9 @@ class TextEngine:
 
         check_model_dir(Path(model_path))  # before anything reads it: safetensors only, no remote code
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
-        args = engine_kwargs(configured or {}, torch.cuda.is_available())
-        if not torch.cuda.is_available():
+        on_gpu = torch.cuda.is_available()
+        args = engine_kwargs(configured or {}, on_gpu)
+        if not on_gpu:
             use_every_core()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_path, trust_remote_code=False, **args))
         self.context = self.engine.model_config.max_model_len

@@ -239,11 +239,11 @@ def finetune(
     args = list(args or [])
     if args and "=" not in args[0]:
         config = Path(args.pop(0))
-    if args and "=" in args[0]:  # one override syntax for every command
-        raise ConfigError(f"{args[0]!r} looks like an override: pass it as --set {args[0]} "
-                          f"(e.g. tunedex finetune {config or 'CONFIG.yaml'} --set {args[0]})")
-    if args:
-        raise ConfigError(f"unexpected argument {args[0]!r}: finetune takes one CONFIG file and --set KEY=VALUE overrides")
+    if args:  # one override syntax for every command: a bare key=value is refused with the --set form
+        extra = args[0]
+        raise ConfigError(f"{extra!r} looks like an override: pass it as --set {extra} (e.g. tunedex finetune "
+                          f"{config or 'CONFIG.yaml'} --set {extra})" if "=" in extra else
+                          f"unexpected argument {extra!r}: finetune takes one CONFIG file and --set KEY=VALUE overrides")
     cfg = setup(config, set_)
     from tunedex.infra.services import connect_ray
     from tunedex.workers.finetune import main
