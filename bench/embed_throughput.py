@@ -1,4 +1,4 @@
-"""Embedding throughput: our embedder (infra/embedding.py, embedding.backend onnx) ÷ plain
+"""Embedding throughput: our embedder (infra/embedding.py, embedding.backend openvino) ÷ plain
 `SentenceTransformer.encode(batch_size=32)`, on the same chunks in the same process.
 
     python bench/embed_throughput.py --repeats 3
@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sentence_transformers import SentenceTransformer
 
 from tunedex.demo_data import write_demo_data
 from tunedex.infra.config import ChunkingConfig, EmbeddingConfig
-from tunedex.infra.embedding import load_embedder
+from tunedex.infra.embedding import load_embedder, resolve_model_path
 from tunedex.workers.chunking import chunk_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,10 +42,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    ours = load_embedder(EmbeddingConfig(backend="onnx"))
-    plain = ours.model  # the same SentenceTransformer, run the tutorial way
+    ours = load_embedder(EmbeddingConfig(backend="openvino"))
+    plain = SentenceTransformer(str(resolve_model_path(ours.model_id)), device="cpu")  # the tutorial way
     chunks = corpus_chunks(ours.tokenizer, ChunkingConfig())
-    lengths = [len(x) for x in ours.tokenizer(chunks, truncation=False, verbose=False)["input_ids"]]
+    lengths = [len(e.ids) for e in ours.tokenizer.encode_batch(chunks)]
     over = sum(n > ours.max_tokens + 2 for n in lengths)
     print(f"{len(chunks)} chunks, tokens min/median/max {min(lengths)}/{int(np.median(lengths))}/{max(lengths)}, "
           f"limit {ours.max_tokens} content tokens; over the limit: {over}")

@@ -133,7 +133,7 @@ def measured(fn: Callable[[], Any]) -> dict[str, Any]:
 
 
 def embed_rate(sample: int) -> float:
-    """Chunks/s of the project's embedder (`embedding.backend: onnx`, the default) on chunk-sized texts."""
+    """Chunks/s of the project's embedder (`embedding.backend: openvino`, the default) on chunk-sized texts."""
     from tunedex.infra.embedding import load_embedder
 
     embedder = load_embedder(EmbeddingConfig(model=MODEL))

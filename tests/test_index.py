@@ -144,9 +144,10 @@ def test_ledger_is_read_per_doc_and_chunk_ids_only_for_the_docs_named(cfg):
         client.close()
 
 
-def test_a_run_over_an_unchanged_corpus_loads_no_tokenizer_or_torch(stack, cfg, demo, tmp_path):
-    """A no-op index in a fresh process: the tokenizer (and with it torch, most of a no-op CLI run's seconds) is
-    loaded only when a document needs chunking; a changed document still gets it."""
+def test_index_runs_load_no_torch_once_the_embedding_export_is_cached(stack, cfg, demo, tmp_path):
+    """`tunedex index` in a fresh process: over an unchanged corpus it loads no tokenizer at all; with a changed
+    document it chunks and embeds it from tokenizer.json and the cached OpenVINO export, importing neither torch
+    nor transformers (most of a small run's seconds)."""
     first = index_corpus(cfg, demo["day1"])
     assert first.chunks_embedded > 0
     probe = ("import json, sys\nfrom pathlib import Path\nfrom tunedex.infra.config import load_config\n"
@@ -162,4 +163,4 @@ def test_a_run_over_an_unchanged_corpus_loads_no_tokenizer_or_torch(stack, cfg, 
     page.write_text(page.read_text() + "\nNew: a matching carrying case is sold separately.\n")
     args[4] = str(corpus)
     changed = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-    assert changed[0] == 32 and changed[1] >= 1 and changed[3] is True
+    assert changed[0] == 32 and changed[1] >= 1 and changed[2:] == [False, False]

@@ -4,10 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
-
-from tunedex.infra.config import CorpusConfig
-from tunedex.infra.embedding import resolve_model_path
+from tunedex.infra.config import CorpusConfig, EmbeddingConfig
+from tunedex.infra.embedding import load_tokenizer
 from tunedex.infra.ids import chunk_id, content_hash, slug
 from tunedex.workers.chunking import chunk_text
 from tunedex.infra import store
@@ -17,7 +15,7 @@ from tunedex.workers.sources import Document, load_documents
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    return load_tokenizer(EmbeddingConfig())[0]
 
 
 def test_chunk_ids_are_deterministic_and_model_specific():
@@ -34,7 +32,7 @@ def test_chunks_follow_boundaries_and_never_exceed_size(tokenizer):
     text = "\n\n".join(" ".join(sentences[i : i + 4]) for i in range(0, 60, 4))
     text += "\n\n" + " ".join(f"word{i}" for i in range(400))  # one overlong sentence: split by tokens
     chunks = chunk_text(text, tokenizer, size=50, overlap=10)
-    sizes = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chunks]
+    sizes = [len(tokenizer.encode(c, add_special_tokens=False).ids) for c in chunks]
     assert max(sizes) <= 50 and chunks == chunk_text(text, tokenizer, size=50, overlap=10)
     assert all(c in text for c in chunks)  # slices of the original text
     assert all(c.endswith(".") for c in chunks if "word" not in c)  # cut at sentence ends
@@ -63,7 +61,7 @@ def test_a_short_page_of_many_paragraphs_stays_one_chunk(tokenizer):
     assert all(len(p.split("\n\n")) == 3 for p in pages)
     assert all(chunk_text(p, tokenizer, 200, 32) == [p.strip()] for p in pages)
     tiny = [c for p in pages for c in chunk_text(p * 4, tokenizer, 200, 32)[:-1]]
-    assert tiny and min(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in tiny) >= 50
+    assert tiny and min(len(tokenizer.encode(c, add_special_tokens=False).ids) for c in tiny) >= 50
 
 
 def test_repeated_identical_chunks_get_distinct_ids():

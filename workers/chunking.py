@@ -1,4 +1,4 @@
-"""Boundary-aware chunking with the embedding model's own tokenizer.
+"""Boundary-aware chunking with the embedding model's own tokenizer (a `tokenizers.Tokenizer`, infra/embedding.py).
 
 Chunks are built from paragraphs (sentences for a paragraph over `size` tokens, token windows
 for a sentence over `size`), packed greedily up to `size` tokens. A chunk also ends after any
@@ -46,13 +46,13 @@ def _units(text: str, tokenizer: Any, size: int, overlap: int) -> list[tuple[int
 
 
 def _count(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    return len(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def _windows(text: str, start: int, end: int, tokenizer: Any, size: int, overlap: int) -> list[tuple[int, int, int]]:
     """A sentence over `size` tokens: windows of `size` tokens, `overlap` shared, cut at token boundaries."""
-    enc = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    offsets = [(start + a, start + b) for a, b in enc["offset_mapping"] if b > a]
+    enc = tokenizer.encode(text[start:end], add_special_tokens=False)
+    offsets = [(start + a, start + b) for a, b in enc.offsets if b > a]
     out, i = [], 0
     while True:
         n = size

@@ -16,7 +16,7 @@ import yaml
 
 from tunedex.infra import services, store
 from tunedex.infra.config import TunedexConfig, load_config
-from tunedex.infra.embedding import resolve_model_path
+from tunedex.infra.embedding import load_tokenizer
 from tunedex.infra.ids import chunk_id
 from tunedex.infra.services import free_port
 from tunedex.workers.sources import load_documents
@@ -101,11 +101,9 @@ def connect_loaded(cfg: TunedexConfig) -> Any:
 
 def expected_rows(root: Path, cfg: TunedexConfig) -> set[tuple[str, str, str]]:
     """(chunk_id, doc_id, doc_version) the collection must hold: from the corpus, without the indexer's writer."""
-    from transformers import AutoTokenizer
-
     from tunedex.workers.chunking import chunk_text
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.embedding.model))
+    tok, _ = load_tokenizer(cfg.embedding)
     docs, _ = load_documents(root, cfg.corpus)
     out = set()
     for d in docs:
