@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -200,6 +201,10 @@ def _mean_pooled_dim(path: Path) -> int:
 
 
 def _compile(onnx_path: Path) -> Any:
+    # `import openvino` imports its model converter, which sends a usage event to Google Analytics from a forked
+    # process unless its telemetry package is missing: egress from a serving process, and a fork in a Ray replica
+    # that holds gRPC threads (a Retriever hung here). Missing is the converter's own fallback (a stub).
+    sys.modules.setdefault("openvino_telemetry", None)
     import openvino
 
     # the CPUs this process may use: Ray sets OMP_NUM_THREADS per replica, OpenVINO does not read it

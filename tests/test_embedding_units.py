@@ -71,14 +71,17 @@ def test_token_batches_cover_every_input_once_within_the_row_and_token_caps():
 
 def test_a_cached_export_loads_without_torch(embedder, texts):
     """With the export cached (the fixture made it), a fresh process embeds without importing torch, transformers or
-    sentence-transformers (seconds of every `tunedex index` run), and gets the same vectors."""
-    probe = ("import json, sys\nfrom tunedex.infra.config import EmbeddingConfig\n"
+    sentence-transformers (seconds of every `tunedex index` run), and gets the same vectors; loading OpenVINO
+    neither forks nor connects anywhere (its telemetry would do both)."""
+    probe = ("import json, sys\nevents = []\n"
+             "sys.addaudithook(lambda e, a: e in ('os.fork', 'socket.connect', 'subprocess.Popen') and events.append(e))\n"
+             "from tunedex.infra.config import EmbeddingConfig\n"
              "from tunedex.infra.embedding import load_embedder\n"
              "vectors = load_embedder(EmbeddingConfig()).embed(json.loads(sys.stdin.read()))\n"
-             "print(json.dumps([vectors, [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]]))")
+             "print(json.dumps([vectors, [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules], events]))")
     out = subprocess.run([sys.executable, "-c", probe], input=json.dumps(texts[:8]), capture_output=True, text=True, check=True)
-    vectors, imported = json.loads(out.stdout.splitlines()[-1])
-    assert imported == []
+    vectors, imported, events = json.loads(out.stdout.splitlines()[-1])
+    assert imported == [] and events == []
     assert np.allclose(vectors, embedder.embed(texts[:8]), atol=1e-5)
 
 
