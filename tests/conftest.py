@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -84,15 +85,35 @@ def lora_models(root: Path, seeds: tuple[int, ...]) -> tuple[Path, list[Path]]:
     return base, adapters
 
 
-def embedding_model_copy(dst: Path) -> Path:
-    """The packaged embedding model under another path: another embedding model id as far as tunedex knows."""
+def embedding_model_copy(dst: Path, permute: bool = False) -> Path:
+    """The packaged embedding model under another path: another embedding model id as far as tunedex knows.
+    With `permute`, a genuinely different model: every hidden dimension of the transformer permuted (seed 0), so
+    it ranks texts exactly as the original does but its vectors are the original's permuted, nearly orthogonal to
+    them: a query embedded with the wrong model finds other chunks."""
+    from safetensors.numpy import load_file, save_file
+
     from tunedex.infra.embedding import resolve_model_path
 
     src = Path(resolve_model_path("all-MiniLM-L6-v2"))
     for f in src.rglob("*"):
-        if f.is_file():
+        if f.is_file() and f.relative_to(src).parts[0] != "onnx" and not (permute and f.name == "model.safetensors"):
             (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
             (dst / f.relative_to(src)).symlink_to(f)
+    if permute:
+        weights = load_file(str(src / "model.safetensors"))
+        p = np.random.default_rng(0).permutation(weights["embeddings.LayerNorm.weight"].shape[0])
+        for name, w in weights.items():
+            if name.endswith(("embeddings.weight", ".query.weight", ".key.weight", ".value.weight",
+                              "intermediate.dense.weight")):
+                weights[name] = w[:, p]  # reads the hidden state
+            elif name.endswith(("attention.output.dense.weight", "output.dense.weight")) and "intermediate" not in name:
+                weights[name] = w[p]  # writes it
+            elif name == "pooler.dense.weight":
+                weights[name] = w[p][:, p]
+            elif "LayerNorm" in name or name.endswith(("output.dense.bias", "pooler.dense.bias")):
+                weights[name] = w[p]
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(dst / "model.safetensors"),
+                  metadata={"format": "pt"})
     return dst
 
 

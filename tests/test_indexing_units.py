@@ -50,6 +50,22 @@ def test_editing_one_sentence_re_embeds_at_most_two_chunks(tokenizer):
         assert 1 <= len(new - old) <= 2
 
 
+def test_an_edit_inside_text_without_sentences_re_embeds_the_windows_near_it(tokenizer):
+    """Data or logs with no sentence end: token windows cut on content, so the windows after an edit come back
+    unchanged (positional windows all shifted: every chunk after the edit was new)."""
+    import random
+
+    rng = random.Random(0)
+    values = [f"{rng.random():.4f}" for _ in range(1500)]
+    before = " ".join(values)
+    chunks = chunk_text(before, tokenizer, 64, 8)
+    assert len(chunks) > 40 and max(len(tokenizer.encode(c, add_special_tokens=False).ids) for c in chunks) <= 64
+    for at in (10, 700, 1400):
+        edited = " ".join(values[:at] + ["0.5", "0.25"] + values[at:])
+        new = set(chunk_text(edited, tokenizer, 64, 8)) - set(chunks)
+        assert 1 <= len(new) <= 3, (at, len(new))
+
+
 def test_a_short_page_of_many_paragraphs_stays_one_chunk(tokenizer):
     """A product page (heading, price line, list items) under a quarter of chunk_size is one chunk: retrieval
     returns the facts together, not a lone heading (the content-defined end waits for a minimum size)."""

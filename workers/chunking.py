@@ -5,8 +5,8 @@ for a sentence over `size`), packed greedily up to `size` tokens. A chunk also e
 unit whose text hash says so (content-defined, about one unit in three, once the chunk holds a
 quarter of `size`): an edit then moves only the boundaries next to it, and the packing is back in
 step a unit or two later, so an edit re-embeds about the chunks it touches rather than the rest of
-the document. Inside an overlong sentence the token windows are positional: an edit there shifts
-the windows after it.
+the document. Inside an overlong sentence the token windows are cut the same way, on a hash of
+the tokens at the cut.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ SENTENCE = re.compile(r"\S.*?(?:[.!?](?=\s)|$)", re.S)
 
 
 def _ends_chunk(text: str) -> bool:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=1).digest()[0] % 3 == 0
+    """About one unit in three ends a chunk, decided by its first 32 characters: an edit past them (most edits of a
+    sentence or paragraph) keeps the decision, and with it the chunk boundaries around the edit."""
+    return hashlib.blake2b(text[:32].encode("utf-8"), digest_size=1).digest()[0] % 3 == 0
+
+
+def _cuts(text: str, odds: int) -> bool:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest(), "big") % odds == 0
 
 
 def _units(text: str, tokenizer: Any, size: int, overlap: int) -> list[tuple[int, int, int]]:
@@ -50,14 +56,22 @@ def _count(tokenizer: Any, text: str) -> int:
 
 
 def _windows(text: str, start: int, end: int, tokenizer: Any, size: int, overlap: int) -> list[tuple[int, int, int]]:
-    """A sentence over `size` tokens: windows of `size` tokens, `overlap` shared, cut at token boundaries."""
+    """A sentence over `size` tokens: windows of at most `size` tokens, `overlap` shared, cut at token boundaries.
+    A window also ends after a token whose text, with the two before it, hashes so (odds 1 in size // 3, once the
+    window holds a quarter of `size`; 1 window in 10 reaches `size`): content-defined like the chunk ends, so an
+    edit inside a long run of text without sentences (data, logs) moves the cuts near it only, not every window
+    after it."""
     enc = tokenizer.encode(text[start:end], add_special_tokens=False)
     offsets = [(start + a, start + b) for a, b in enc.offsets if b > a]
     out, i = [], 0
     while True:
-        n = size
+        n = min(size, len(offsets) - i)
+        for j in range(i + size // MIN_FRACTION, i + n - 1):
+            if _cuts(text[offsets[max(i, j - 2)][0] : offsets[j][1]], max(1, size // 3)):
+                n = j - i + 1
+                break
         # a window that starts inside a word re-tokenizes to a token or two more on its own: trim it
-        while n > 1 and _count(tokenizer, text[offsets[i][0] : offsets[min(i + n, len(offsets)) - 1][1]]) > size:
+        while n > 1 and _count(tokenizer, text[offsets[i][0] : offsets[i + n - 1][1]]) > size:
             n -= 1
         window = offsets[i : i + n]
         out.append((window[0][0], window[-1][1], _count(tokenizer, text[window[0][0] : window[-1][1]])))

@@ -1,7 +1,10 @@
 """S5: an embedding-model change under query load. A shadow collection is built with another embedding model;
 the live pointer (the registry's record, and the Milvus alias where the engine has aliases) moves to it and back
 behind the endpoint's back; a release on the new collection is promoted
-and rolled back, while 4 clients query. Every answer's sources come from its release's collection only.
+and rolled back, while 4 clients query. Every answer's sources come from its release's collection only, found
+with its release's embedding model: model B is model A with every hidden dimension permuted (the same ranking, its
+vectors nearly orthogonal to A's), so a release that searched B's collection with A's query vectors would answer
+with other chunks, and the test checks that it would (the check can fail).
 
 Latency: the scenario bounds p99 during the swaps by 2x p99 before them. That ratio is the machine's, not
 tunedex's: on 2 busy cores the new release's replicas load beside the serving ones and a CPU hog next door moves
@@ -20,6 +23,7 @@ import pytest
 from conftest import embedding_model_copy, run_cli
 from tunedex.infra import registry, store
 from tunedex.infra.config import load_config
+from tunedex.infra.embedding import load_embedder
 
 pytestmark = [pytest.mark.slow, pytest.mark.soak, pytest.mark.scenario(
     "S5", "a shadow collection from another embedding model; alias moved to it and back, a release on it "
@@ -38,6 +42,12 @@ def collection_ids(cfg, name: str) -> set[str]:
         client.close()
 
 
+def top_ids(cfg, client, collection: str, embedder, question: str, k: int) -> set[str]:
+    """The chunk ids the Retriever finds for `question` in `collection` with `embedder`'s query vector."""
+    vector = embedder.embed([question])[0]
+    return {h.chunk_id for h in store.hybrid_search(client, cfg.milvus, collection, vector, question, k)}
+
+
 def p99(values: list[float]) -> float:
     return float(np.percentile(values, 99)) if values else 0.0
 
@@ -47,15 +57,25 @@ def test_embedding_model_change_under_load_never_mixes_collections(pipeline, dem
     url = cfg.serve.url
     release_a = httpx.get(f"{url}/readyz", timeout=10).json()["release_id"]
     rec_a = json.loads((cfg.registry_dir / "releases" / f"{release_a}.json").read_text())
-    model_b = str(embedding_model_copy(tmp_path / "minilm-b"))
+    model_b = str(embedding_model_copy(tmp_path / "minilm-b", permute=True))
     out = run_cli("index", str(demo["day1"]), "-c", path, "--set", f"embedding.model={model_b}", cwd=cwd).stdout
     collection_b = re.search(r"indexed (\S+):", out).group(1)
     assert collection_b != rec_a["collection"]
     ids = {rec_a["collection"]: collection_ids(cfg, rec_a["collection"]), collection_b: collection_ids(cfg, collection_b)}
     assert not ids[rec_a["collection"]] & ids[collection_b]  # chunk ids name their embedding model
     collection_of = {release_a: rec_a["collection"]}
+    # What each collection's own model finds (k + 3: a near-tie at the k-th rank may fall either way between this
+    # process's and the replica's threads), and what A's query vectors would find in B's collection.
+    k, embedders = cfg.serve.top_k, {c: load_embedder(cfg.embedding.model_copy(update={"model": m}))
+                                     for c, m in ((rec_a["collection"], rec_a["embedding_model"]), (collection_b, model_b))}
+    client = store.connect(cfg.milvus)
+    client.load_collection(collection_b)
+    right = {(c, q): top_ids(cfg, client, c, e, q, k + 3) for c, e in embedders.items() for q in QUESTIONS}
+    wrong = {q: top_ids(cfg, client, collection_b, embedders[rec_a["collection"]], q, k) for q in QUESTIONS}
+    client.close()
+    assert any(not wrong[q] <= right[collection_b, q] for q in QUESTIONS), "A's vectors find B's own top chunks"
 
-    results: list[tuple[float, float, int, str, list[str]]] = []  # start, seconds, status, release, chunk ids
+    results: list[tuple[float, float, int, str, list[str], str]] = []  # start, seconds, status, release, ids, question
     failures: list[str] = []
     stop = threading.Event()
 
@@ -66,13 +86,12 @@ def test_embedding_model_change_under_load_never_mixes_collections(pipeline, dem
             i = 0
             while not stop.is_set():
                 i += 1
-                started = time.monotonic()
+                started, question = time.monotonic(), QUESTIONS[(i + k) % len(QUESTIONS)]
                 try:
-                    resp = http.post(f"{url}/v1/query", headers=AUTH,
-                                     json={"question": QUESTIONS[(i + k) % len(QUESTIONS)], "mode": "retrieve"})
+                    resp = http.post(f"{url}/v1/query", headers=AUTH, json={"question": question, "mode": "retrieve"})
                     body = resp.json()
                     results.append((started, time.monotonic() - started, resp.status_code, body.get("release_id", ""),
-                                    [s["chunk_id"] for s in body.get("sources", [])]))
+                                    [s["chunk_id"] for s in body.get("sources", [])], question))
                 except Exception as exc:  # noqa: BLE001 - every failure is what this test counts
                     failures.append(repr(exc))
 
@@ -115,15 +134,18 @@ def test_embedding_model_change_under_load_never_mixes_collections(pipeline, dem
         registry.point_live(cfg, client, rec_a["collection"])  # as the other scenarios expect
         client.close()
     assert not failures, failures[:5]
-    assert all(status == 200 for _, _, status, _, _ in results), [r[:4] for r in results if r[2] != 200][:5]
-    served = {release for *_, release, _ in results}
+    assert all(r[2] == 200 for r in results), [r[:4] for r in results if r[2] != 200][:5]
+    served = {r[3] for r in results}
     assert served == {release_a, release_b}, served
     mixed = [r for r in results if not set(r[4]) <= ids[collection_of[r[3]]]]
     assert not mixed, mixed[:3]
+    wrong_model = [r for r in results if len(r[4]) != k or not set(r[4]) <= right[collection_of[r[3]], r[5]]]
+    assert not wrong_model, wrong_model[:3]
     before = [s for start, s, *_ in results if start < swap_started]
     during = [s for start, s, *_ in results if swap_started <= start <= swap_ended]
     assert httpx.get(f"{url}/readyz", timeout=10).json()["release_id"] == release_a
     record_property("held", f"{len(results)} requests, 0 failed, 0 with sources from another release's collection "
-                            f"({len(served)} releases served); p99 {p99(before) * 1000:.0f} ms before the swaps, "
+                            f"({len(served)} releases served), each answer's sources those its release's own embedding model finds "
+                            f"(B: A with permuted dimensions); p99 {p99(before) * 1000:.0f} ms before the swaps, "
                             f"{p99(during) * 1000:.0f} ms during them ({len(during)} requests; recorded, not "
                             f"asserted: the scenario's 2x is a property of the machine's load)")
