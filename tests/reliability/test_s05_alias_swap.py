@@ -22,7 +22,6 @@ import pytest
 
 from conftest import embedding_model_copy, run_cli
 from tunedex.infra import registry, store
-from tunedex.infra.config import load_config
 from tunedex.infra.embedding import load_embedder
 
 pytestmark = [pytest.mark.slow, pytest.mark.soak, pytest.mark.scenario(
