@@ -87,6 +87,8 @@ def connect_ray(cfg: TunedexConfig, log_to_driver: bool = False) -> Iterator[Any
         yield ray
         return
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # Ray set RAY_ADDRESS for the job's driver
+    if not in_job and cfg.ray.is_local:
+        os.environ["RAY_ADDRESS"] = cfg.ray.address  # Ray's own lookups in this process: this cluster, not the latest
     ray.init(address=None if in_job else cfg.ray.address, logging_level="WARNING", log_to_driver=log_to_driver)
     try:
         yield ray
@@ -248,7 +250,10 @@ def start_ray(cfg: TunedexConfig, timeout: float = 90.0) -> ServiceStatus:
     with open(log_path, "ab") as log:
         rc = subprocess.run(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **ray_env(cfg)}, timeout=timeout,
+            # RAY_ADDRESS for everything this head starts: Ray's own address lookups inside workers (the state
+            # API, Ray Train's controller) otherwise take the machine's most recently started cluster, another
+            # stack's when two run on one machine, and a fine-tune then hung on the wrong cluster
+            env={**os.environ, **ray_env(cfg), "RAY_ADDRESS": f"{host}:{port}"}, timeout=timeout,
         ).returncode
     if rc != 0:
         raise ServiceError(f"`ray start` failed with code {rc}; log {log_path}:\n{_log_tail(log_path)}")

@@ -41,3 +41,29 @@ def test_milvus_lite_server_starts_is_idempotent_and_death_is_reported(tmp_path,
         assert not status.running and status.detail.startswith("died; see")
     finally:
         services.stop_milvus(cfg)
+
+
+def test_a_second_cluster_on_the_machine_does_not_capture_the_first_ones_workers(stack, tmp_path):
+    """Ray's own address lookups inside a worker (the state API, Ray Train's controller: `ray.init()` with no
+    address) take the machine's latest cluster; every worker of a tunedex head carries its own RAY_ADDRESS, so
+    with a second cluster started after it they still find their own."""
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    path, cfg = stack
+    other = load_config(write_config(tmp_path / "other.yaml", tmp_path / "data"))
+    services.start_ray(other)
+    try:
+        probe = ("import sys\nfrom tunedex.infra.config import load_config\n"
+                 "from tunedex.infra.services import connect_ray\n"
+                 "with connect_ray(load_config(sys.argv[1])) as ray:\n"
+                 "    lookup = ray.remote(lambda: __import__('ray')._private.services.get_ray_address_from_environment(None, None))\n"
+                 "    print(ray.get(lookup.remote()))")
+        out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True,
+                             env={**os.environ, **services.ray_env(cfg)}, timeout=300)
+        found = out.stdout.strip().splitlines()[-1]
+        assert found.rsplit(":", 1)[-1] == str(cfg.ray.port), (found, cfg.ray.address, other.ray.address)
+    finally:
+        services.stop_ray(other)
