@@ -74,6 +74,11 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tok):
     assert stats.truncated == 1 and len(kept) == 2 and all(len(k.input_ids) <= 12 for k in kept)
     kept, stats = sft_data.prepare(rows, tok, max_length=12, completion_only=False, overflow="drop")
     assert stats.dropped == 1 and len(kept) == 1
+    warning = stats.overflow_warning(12, len(rows))  # the run's log and summary say what it cost and the fix
+    assert warning.startswith("1 of 2 examples are longer than finetune.max_length=12")
+    assert f"set finetune.max_length: {stats.longest} or more" in warning and stats.longest > 50
+    assert sft_data.prepare(rows, tok, max_length=stats.longest, completion_only=True,
+                            overflow="truncate")[1].overflow_warning(stats.longest, 2) == ""
 
 
 def test_packed_and_unpacked_batches_give_the_same_per_token_loss(tok):

@@ -50,6 +50,7 @@ class FinetuneResult:
     dropped: int
     resumed_from_step: int
     peak_rss_mb: list[float]
+    overflow: str = ""  # what truncation to finetune.max_length cost, and the fix (sft_data.DataStats.overflow_warning)
 
     @property
     def summary(self) -> str:
@@ -59,7 +60,7 @@ class FinetuneResult:
         return (
             f"fine-tuned {self.run_name}: {self.steps} steps{resumed}, loss {first:.3f} -> {last:.3f}{evals}, "
             f"{self.tokens_per_s:.0f} tokens/s, {self.seconds:.0f}s -> {self.output_dir}"
-        )
+        ) + (f"\nwarning: {self.overflow}" if self.overflow else "")
 
 
 @dataclass(frozen=True)
@@ -360,6 +361,8 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
         log.info("run %s has complete checkpoints up to step %d; it resumes from the last one Ray Train registered",
                  run_name, resume_step)
     bf16 = ft.ray.use_gpu and ft.bf16 in ("auto", True)
+    if warning := stats.overflow_warning(ft.max_length, len(rows)):
+        log.warning(warning)
     log.info("data: %d examples (%s), %d train / %d eval sequences, %d truncated, %d dropped, %d loss tokens",
              stats.examples, stats.formats, len(train_seqs), len(eval_seqs), stats.truncated, stats.dropped,
              stats.loss_tokens)
@@ -397,6 +400,7 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
         eval_losses={int(k): v for k, v in metrics["eval_losses"].items()}, tokens_per_s=metrics["tokens_per_s"],
         seconds=round(time.monotonic() - started, 1), examples=stats.examples, truncated=stats.truncated,
         dropped=stats.dropped, resumed_from_step=metrics["resumed_from_step"], peak_rss_mb=metrics["peak_rss_mb"],
+        overflow=stats.overflow_warning(ft.max_length, len(rows)),
     )
     card = {
         "run_name": run_name, "base_model": ft.base_model, "base_model_path": export_base(ft, tokenizer, out / "base"),

@@ -34,7 +34,17 @@ class DataStats:
     dropped: int = 0
     loss_tokens: int = 0
     tokens: int = 0
+    over: int = 0  # examples longer than max_length (truncated or dropped)
+    longest: int = 0  # tokens of the longest example before truncation
     formats: dict[str, int] = field(default_factory=dict)
+
+    def overflow_warning(self, max_length: int, rows: int) -> str:
+        """What truncation cost, and the setting that avoids it; "" when nothing was over max_length."""
+        if not self.over:
+            return ""
+        return (f"{self.over} of {rows} examples are longer than finetune.max_length={max_length} (the longest "
+                f"{self.longest} tokens): cut from the end, their answers first, or dropped; set "
+                f"finetune.max_length: {self.longest} or more")
 
 
 def example_kind(row: Any) -> str | None:
@@ -146,7 +156,9 @@ def prepare(
         kind = example_kind(row) or "?"
         stats.formats[kind] = stats.formats.get(kind, 0) + 1
         ex = tokenize(*render(row, tokenizer, completion_only), tokenizer)
+        stats.longest = max(stats.longest, len(ex.input_ids))
         if len(ex.input_ids) > max_length:
+            stats.over += 1
             if overflow == "drop":
                 stats.dropped += 1
                 continue
