@@ -87,13 +87,21 @@ def connect_ray(cfg: TunedexConfig, log_to_driver: bool = False) -> Iterator[Any
         yield ray
         return
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # Ray set RAY_ADDRESS for the job's driver
-    if not in_job and cfg.ray.is_local:
-        os.environ["RAY_ADDRESS"] = cfg.ray.address  # Ray's own lookups in this process: this cluster, not the latest
-    ray.init(address=None if in_job else cfg.ray.address, logging_level="WARNING", log_to_driver=log_to_driver)
+    pinned = not in_job and cfg.ray.is_local  # Ray's own lookups in this process: this cluster, not the latest
+    previous = os.environ.get("RAY_ADDRESS")
+    if pinned:
+        os.environ["RAY_ADDRESS"] = cfg.ray.address
     try:
-        yield ray
+        ray.init(address=None if in_job else cfg.ray.address, logging_level="WARNING", log_to_driver=log_to_driver)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()  # also flushes the workers' streamed logs
     finally:
-        ray.shutdown()  # also flushes the workers' streamed logs
+        if pinned and previous is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        elif pinned:
+            os.environ["RAY_ADDRESS"] = previous
 
 
 def ray_env(cfg: TunedexConfig) -> dict[str, str]:
