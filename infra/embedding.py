@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,10 @@ class Embedder:
     model: Any = None  # sentence_transformers.SentenceTransformer, backend torch
     compiled: Any = None  # openvino.CompiledModel of the exported transformer, backend openvino
     truncated: int = 0  # inputs so far that were over max_tokens and embedded from their first max_tokens only
+    limit: int = field(init=False)  # tokens per input, special tokens included
+
+    def __post_init__(self) -> None:
+        self.limit = self.max_tokens + _special_tokens(self.tokenizer)
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Unit vectors, one per text. A text over `max_tokens` is embedded from its start (as sentence-transformers
@@ -55,7 +59,7 @@ class Embedder:
         if not texts:
             return []
         ids = [e.ids for e in self.tokenizer.encode_batch(texts)]  # with the special tokens
-        limit = self.max_tokens + _special_tokens(self.tokenizer)
+        limit = self.limit
         over = sum(len(x) > limit for x in ids)
         if over:
             self.truncated += over
@@ -220,8 +224,8 @@ def _onnx_export(path: Path, tokenizer: Any, name: str) -> Path:
     mtime) and the exporting torch and transformers, read without importing them."""
     import hashlib
 
-    weights = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.glob("*.safetensors"))
-    weights += sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.glob("pytorch_model*.bin"))
+    files = [*path.glob("*.safetensors"), *path.glob("pytorch_model*.bin")]
+    weights = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     source = f"{path.resolve()}|{weights}|{version('torch')}|{version('transformers')}|{EXPORT}"
     base = path if os.access(path, os.W_OK) else Path(tempfile.gettempdir())
     target = base / "onnx" / f"model-{hashlib.sha256(source.encode()).hexdigest()[:12]}.onnx"

@@ -93,11 +93,9 @@ def connect_ray(cfg: TunedexConfig, log_to_driver: bool = False) -> Iterator[Any
         os.environ["RAY_ADDRESS"] = cfg.ray.address
     try:
         ray.init(address=None if in_job else cfg.ray.address, logging_level="WARNING", log_to_driver=log_to_driver)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()  # also flushes the workers' streamed logs
+        yield ray
     finally:
+        ray.shutdown()  # also flushes the workers' streamed logs; a no-op when init failed
         if pinned and previous is None:
             os.environ.pop("RAY_ADDRESS", None)
         elif pinned:

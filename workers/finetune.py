@@ -361,8 +361,9 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
         log.info("run %s has complete checkpoints up to step %d; it resumes from the last one Ray Train registered",
                  run_name, resume_step)
     bf16 = ft.ray.use_gpu and ft.bf16 in ("auto", True)
-    if warning := stats.overflow_warning(ft.max_length, len(rows)):
-        log.warning(warning)
+    too_long = stats.overflow_warning(ft.max_length, len(rows))
+    if too_long:
+        log.warning(too_long)
     log.info("data: %d examples (%s), %d train / %d eval sequences, %d truncated, %d dropped, %d loss tokens",
              stats.examples, stats.formats, len(train_seqs), len(eval_seqs), stats.truncated, stats.dropped,
              stats.loss_tokens)
@@ -400,7 +401,7 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
         eval_losses={int(k): v for k, v in metrics["eval_losses"].items()}, tokens_per_s=metrics["tokens_per_s"],
         seconds=round(time.monotonic() - started, 1), examples=stats.examples, truncated=stats.truncated,
         dropped=stats.dropped, resumed_from_step=metrics["resumed_from_step"], peak_rss_mb=metrics["peak_rss_mb"],
-        overflow=stats.overflow_warning(ft.max_length, len(rows)),
+        overflow=too_long,
     )
     card = {
         "run_name": run_name, "base_model": ft.base_model, "base_model_path": export_base(ft, tokenizer, out / "base"),
