@@ -85,6 +85,33 @@ def test_a_cached_export_loads_without_torch(embedder, texts):
     assert np.allclose(vectors, embedder.embed(texts[:8]), atol=1e-5)
 
 
+def test_many_threads_embedding_at_once_neither_hang_nor_mix_their_vectors(embedder, texts):
+    """The retriever embeds each query in its own thread. Per-call OpenVINO requests deadlocked the process within a
+    few rounds of 8 threads (a Retriever replica froze mid-query in CI's S8); a deadlock holds the GIL, so the check
+    runs in a child process that a timeout can end."""
+    probe = ("import json, sys, threading\n"
+             "from tunedex.infra.config import EmbeddingConfig\n"
+             "from tunedex.infra.embedding import load_embedder\n"
+             "texts, e, wrong = json.loads(sys.stdin.read()), load_embedder(EmbeddingConfig()), []\n"
+             "alone = {t: e.embed([t])[0] for t in texts}\n"
+             "def work(i):\n"
+             "    for j in range(40):\n"
+             "        t = texts[(i + j) % len(texts)]\n"
+             "        v = e.embed([t])[0]\n"
+             "        if max(abs(a - b) for a, b in zip(v, alone[t])) > 1e-4: wrong.append(t)\n"
+             "for _ in range(10):\n"
+             "    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]\n"
+             "    [t.start() for t in threads]; [t.join() for t in threads]\n"
+             "print(json.dumps(wrong))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as Ray sets it in a replica with num_cpus < 2
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], input=json.dumps(texts[:8]), capture_output=True, text=True,
+                             check=True, timeout=600, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("8 threads embedding at once did not finish 3,200 one-text calls in 10 minutes: deadlocked")
+    assert json.loads(out.stdout.splitlines()[-1]) == []
+
+
 def test_torch_backend_and_empty_input():
     torch_embedder = load_embedder(EmbeddingConfig(backend="torch"))
     assert torch_embedder.compiled is None and torch_embedder.embed([]) == []
