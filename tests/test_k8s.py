@@ -1,15 +1,16 @@
-"""Kubernetes manifests: rendered from configs/cluster.yaml, valid, no image tag or secret value baked in."""
+"""Kubernetes manifests (k8s/, edited as YAML, built by kustomize): valid, agreeing with the cluster config, no image
+tag or secret value baked in."""
 
 from __future__ import annotations
 
-import hashlib
+import importlib.metadata
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
-import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
@@ -19,10 +20,11 @@ from tunedex.infra import k8s
 from tunedex.infra.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "configs/cluster.yaml"
+K8S = REPO / "k8s"
+CLUSTER = K8S / "config/tunedex.yaml"
 K8S_VERSION = "1.32.0"  # kubernetes-validate ships this version's JSON schemas: no network needed
 IMAGE = "registry.example.com/tunedex:1.2.3"
-RAY_PORTS = {"dashboard": 8265, "gcs": 6379, "client": 10001}  # configs/cluster.yaml's values
+RAY_PORTS = {"dashboard": 8265, "gcs": 6379, "client": 10001}  # k8s/config/tunedex.yaml's values
 
 # Field names the KubeRay CRDs accept where we write them: ray-project/kuberay v1.7.0,
 # ray-operator/apis/ray/v1/{raycluster,rayjob,rayservice}_types.go and config/crd/bases/ray.io_*.yaml
@@ -75,19 +77,42 @@ MILVUS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers: read what render wrote, apply the overlays' patches the way kustomize does
+# Helpers: the checked-in tree with `images:` set, built by kustomize itself
+
+
+def kustomize() -> list[str]:
+    """A failure, not a skip, without kubectl: manifests kustomize cannot build must not pass CI unseen."""
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    pytest.fail("neither kubectl nor kustomize is on PATH: install kubectl (it carries kustomize) to check the manifests")
+
+
+def set_image(root: Path, image: str) -> None:
+    """What `kustomize edit set image tunedex=IMAGE` writes into a kustomization."""
+    name, tag = image.rsplit(":", 1)
+    kz = kustomization(root)
+    kz["images"] = [{"name": "tunedex", "newName": name, "newTag": tag}]
+    (root / "kustomization.yaml").write_text(yaml.safe_dump(kz, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("k8s") / "deploy"
-    k8s.render(CLUSTER, path, IMAGE)
+    """A copy of k8s/ as a user deploys it: the image set in the overlays and the jobs."""
+    path = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, path)
+    for rel in BUILT:
+        set_image(path / rel, IMAGE)
     return path
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return k8s.validate_cluster_config(CLUSTER, k8s.cluster_config(CLUSTER))
+    return k8s.check_cluster_config(CLUSTER)
+
+
+BUILT = ("overlays/dev", "overlays/prod", "jobs/finetune", "jobs/embed")
 
 
 def load_docs(path: Path) -> list[dict[str, Any]]:
@@ -98,24 +123,17 @@ def kustomization(path: Path) -> dict[str, Any]:
     return yaml.safe_load((path / "kustomization.yaml").read_text())
 
 
-def build(root: Path, images: bool = True) -> list[dict[str, Any]]:
-    """A kustomization's objects: its resources, then its JSON 6902 patches, then its `images:`."""
-    kz = kustomization(root)
-    objs: list[dict[str, Any]] = []
-    for res in kz["resources"]:
-        objs += build(root / res, images) if (root / res).is_dir() else load_docs(root / res)
-    for p in kz.get("patches", []):
-        [target] = [o for o in objs if o["kind"] == p["target"]["kind"] and o["metadata"]["name"] == p["target"]["name"]]
-        objs[objs.index(target)] = jsonpatch.apply_patch(target, yaml.safe_load(p["patch"]))
-    for entry in kz.get("images", []) if images else []:
-        new = entry["newName"] + (f"@{entry['digest']}" if "digest" in entry else f":{entry['newTag']}")
-        for c in containers_of(objs):
-            if c["image"] == entry["name"]:
-                c["image"] = new
-    if "namespace" in kz:
-        for o in objs:
-            o["metadata"]["namespace"] = kz["namespace"]
-    return objs
+def build(root: Path) -> list[dict[str, Any]]:
+    built = subprocess.run([*kustomize(), str(root)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    return [d for d in yaml.safe_load_all(built.stdout) if d]
+
+
+def config_maps(objs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the Ray pods' ConfigMap, its name hashed by kustomize; the flow runs' ConfigMap)."""
+    maps = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ConfigMap"}  # each job builds them too
+    [hashed] = [m for name, m in maps.items() if name.startswith("tunedex-config-") and name != "tunedex-config-flows"]
+    return hashed, maps["tunedex-config-flows"]
 
 
 def overlay(out: Path, name: str) -> list[dict[str, Any]]:
@@ -234,6 +252,7 @@ def test_kuberay_resources_use_fields_the_crds_define(out, name):
                 problems += check_keys(f"{where} {key}", spec[key], KUBERAY[key])
             assert spec["authOptions"] == {"mode": "token", "secretName": "tunedex-ray-auth"}
             assert Version(spec["rayVersion"]) >= Version("2.52")  # KubeRay's token auth needs Ray 2.52+
+            assert spec["rayVersion"] == importlib.metadata.version("ray")  # the image installs this Ray
             params = [spec["headGroupSpec"]["rayStartParams"]]
             for g in spec["workerGroupSpecs"]:
                 problems += check_keys(f"{where} {g['groupName']}", g, KUBERAY["workerGroupSpec"])
@@ -256,40 +275,49 @@ def test_serve_config_is_a_ray_serve_config_with_the_tunedex_app(out, cfg):
     serve = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
     [app] = serve.applications
     assert (app.name, app.route_prefix, app.import_path) == ("tunedex", "/", "tunedex.serving.app:build_app")
-    assert app.args == {"config": str(k8s.CONFIG_PATH)}
+    assert app.args == {"config": str(k8s.CONFIG_PATH)}  # the ConfigMap mount
     assert (serve.http_options.host, serve.http_options.port) == ("0.0.0.0", cfg.serve.port)
     ports = {p["name"]: p["containerPort"] for p in group(service, "cpu")["template"]["spec"]["containers"][0]["ports"]}
     assert ports["serve"] == cfg.serve.port  # KubeRay's tunedex-serve-svc targets the port named `serve`
 
 
-def test_a_pinned_release_is_loaded_by_a_new_cluster_too(tmp_path):
-    k8s.render(CLUSTER, tmp_path / "o", IMAGE, release_id="rel-20250101-120000-abc123")
+def test_the_documented_patch_pins_a_release_that_a_new_cluster_loads(out, tmp_path):
+    """docs/cluster.md step 10: the overlay patch that names the serving release in the Serve config."""
     from ray.serve.schema import ServeDeploySchema
 
-    service = load_docs(tmp_path / "o/base/rayservice.yaml")[0]
-    apps = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"])).applications
-    release = {a.name: a for a in apps}["rel-20250101-120000-abc123"]
-    assert release.route_prefix is None and release.import_path == "tunedex.serving.app:build_release_app"
-    assert release.args == {"config": str(k8s.CONFIG_PATH), "release_id": "rel-20250101-120000-abc123"}
-    with pytest.raises(k8s.RenderError, match="not a release id"):
-        k8s.render(CLUSTER, tmp_path / "p", IMAGE, release_id="../etc")
+    doc = (REPO / "docs/cluster.md").read_text()
+    block = re.search(r"add it to the Serve config with a patch.*?```yaml\n(.*?)```", doc, re.S).group(1)
+    release = "rel-20250101-120000-abc123"
+    overlay_dir = tmp_path / "k8s/overlays/prod"
+    shutil.copytree(out, tmp_path / "k8s")
+    kz = kustomization(overlay_dir)
+    kz["patches"] += yaml.safe_load(block.replace("rel-...", release))
+    (overlay_dir / "kustomization.yaml").write_text(yaml.safe_dump(kz, sort_keys=False))
+    service = by_kind(build(overlay_dir), "RayService")
+    apps = {a.name: a for a in ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"])).applications}
+    assert apps[release].route_prefix is None and apps[release].import_path == "tunedex.serving.app:build_release_app"
+    assert apps[release].args == {"config": str(k8s.CONFIG_PATH), "release_id": release}
+    assert apps["tunedex"].import_path == "tunedex.serving.app:build_app" and apps["tunedex"].route_prefix == "/"
 
 
 def test_a_config_change_rolls_the_endpoint_onto_a_new_cluster(out, tmp_path):
-    """KubeRay upgrades a RayService when its pods change: the config's hash on them makes a config change one."""
-    objs = overlay(out, "prod")
-    text = by_kind(objs, "ConfigMap", "tunedex-config")["data"]["config.yaml"]
-    sha = hashlib.sha256(text.encode()).hexdigest()[:16]
-    templates = list(pod_templates(by_kind(objs, "RayService")))
-    assert len(templates) == 3  # head, cpu, gpu
-    for where, tmpl in templates:
-        assert tmpl["metadata"]["annotations"] == {"tunedex.io/config-sha256": sha}, where
-    changed = tmp_path / "changed.yaml"
-    changed.write_text(CLUSTER.read_text().replace("  top_k: 3", "  top_k: 5"))
-    k8s.render(changed, tmp_path / "o", IMAGE)
-    [service] = load_docs(tmp_path / "o/base/rayservice.yaml")
-    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["annotations"]
-    assert head["tunedex.io/config-sha256"] != sha
+    """KubeRay upgrades a RayService when its pods change: kustomize names the Ray pods' ConfigMap by a hash of the
+    config, so a config change renames what they mount. Flow runs (a new pod each) mount a name that stays."""
+    before = overlay(out, "prod")
+    hashed, flows = config_maps(before)
+    assert hashed["data"] == flows["data"] == {"config.yaml": CLUSTER.read_text()}
+    assert config_maps(before + jobs(out))[0] == hashed  # each job builds the same one
+    changed = tmp_path / "k8s"
+    shutil.copytree(out, changed)
+    (changed / "config/tunedex.yaml").write_text(CLUSTER.read_text().replace("  top_k: 3", "  top_k: 5"))
+    after = overlay(changed, "prod")
+    renamed = config_maps(after)[0]
+    assert renamed["metadata"]["name"] != hashed["metadata"]["name"] and "top_k: 5" in renamed["data"]["config.yaml"]
+    for objs, name in ((before, hashed["metadata"]["name"]), (after, renamed["metadata"]["name"])):
+        mounted = [(where, v["configMap"]["name"]) for o in objs if o["apiVersion"] == "ray.io/v1"
+                   for where, tmpl in pod_templates(o) for v in tmpl["spec"]["volumes"] if "configMap" in v]
+        assert len(mounted) == 6 and {n for _, n in mounted} == {name}, mounted  # RayService and RayCluster: 3 each
+    assert pool_job(after)["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == "tunedex-config-flows"
 
 
 @pytest.mark.parametrize("name, mode", [("dev", "standalone"), ("prod", "cluster")])
@@ -313,30 +341,24 @@ def test_milvus_cr_uses_fields_the_crd_defines(out, cfg, name, mode):
 # Nothing baked in: image tags, secret values
 
 
-def test_image_comes_only_from_the_parameter(out, tmp_path):
-    for path in out.rglob("*.yaml"):
+def test_the_image_comes_only_from_kustomize_images(out):
+    """Every container in k8s/ names the image `tunedex`; an overlay's `images:` (`kustomize edit set image`) names
+    the real one for all of them, those prod's patches add and the Prefect flow runs' included."""
+    for path in K8S.rglob("*.yaml"):
         text = path.read_text()
-        assert ":latest" not in text, path
-        images = [c["image"] for c in containers_of(load_docs(path))] if "kustomization" not in path.name else []
-        assert set(images) <= {"tunedex"}, f"{path} names an image itself: {images}"
-        if "1.2.3" in text and path.name == "kustomization.yaml":  # the tag given to render: kustomize's `images:`
-            assert path.parent.name != "base" and kustomization(path.parent)["images"] == [
-                {"name": "tunedex", "newName": "registry.example.com/tunedex", "newTag": "1.2.3"}]
-        elif "1.2.3" in text:  # ... and the work pool's default image for flow runs (a JSON string)
-            assert path.name == "prefect-worker.yaml" and text.count("1.2.3") == 1, path
-    assert {c["image"] for c in containers_of(overlay(out, "prod") + jobs(out))} == {IMAGE}
-    # the work pool's flow-run image: a Prefect variable whose default is the parameter
+        assert ":latest" not in text and "newTag" not in text, path
+        if path.parent.name != "config" and path.name != "kustomization.yaml":
+            assert {c["image"] for c in containers_of(load_docs(path))} <= {"tunedex"}, path
+    for rel in BUILT:
+        assert {c["image"] for c in containers_of(build(K8S / rel))} == {"tunedex"}, rel
+        assert {c["image"] for c in containers_of(build(out / rel))} == {IMAGE}, rel
+    for name in ("dev", "prod"):
+        worker = by_kind(overlay(out, name), "Deployment", "tunedex-prefect-worker")["spec"]["template"]["spec"]
+        [init] = worker["initContainers"]
+        assert {e["name"]: e.get("value") for e in init["env"]}["FLOW_RUN_IMAGE"] == IMAGE, name
+        assert init["command"][:2] == ["sh", "-c"] and "$FLOW_RUN_IMAGE" in init["command"][2]
     template = json.loads(by_kind(overlay(out, "dev"), "ConfigMap", "tunedex-prefect-pool")["data"]["base-job-template.json"])
-    assert template["variables"]["properties"]["image"]["default"] == IMAGE
-
-    k8s.render(CLUSTER, tmp_path / "plain")  # no --image: no tag anywhere, kustomize `images:` left to the user
-    text = "".join(p.read_text() for p in (tmp_path / "plain").rglob("*.yaml"))
-    assert "1.2.3" not in text and "images:" not in text
-    for bad in ("registry.example.com/tunedex", "tunedex:latest", "tunedex"):
-        with pytest.raises(k8s.RenderError, match="not pinned"):
-            k8s.render(CLUSTER, tmp_path / "bad", bad)
-    assert k8s.image_entries("r.io:5000/t/tunedex@sha256:ab") == [
-        {"name": "tunedex", "newName": "r.io:5000/t/tunedex", "digest": "sha256:ab"}]
+    assert template["variables"]["properties"]["image"]["default"] == "FLOW_RUN_IMAGE"  # what the init container fills
 
 
 def test_secrets_are_referenced_never_rendered(out):
@@ -372,13 +394,11 @@ def test_secret_values_in_the_config_are_refused(tmp_path, key, value):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=rf"{key}: a secret would be written into the ConfigMap"):
-        k8s.render(bad, tmp_path / "out", IMAGE)
-    assert not (tmp_path / "out").exists()
+        k8s.check_cluster_config(bad)
 
 
 def test_config_in_the_configmap_loads_and_names_the_mounted_files(out, tmp_path, cfg):
-    objs = overlay(out, "dev")
-    text = by_kind(objs, "ConfigMap", "tunedex-config")["data"]["config.yaml"]
+    text = config_maps(overlay(out, "dev"))[0]["data"]["config.yaml"]
     path = tmp_path / "config.yaml"
     path.write_text(text)
     raw = yaml.safe_load(text)
@@ -402,14 +422,15 @@ def test_every_tunedex_pod_mounts_config_secrets_and_data_at_the_configured_path
         spec, [c] = tmpl["spec"], tmpl["spec"]["containers"]
         volumes = {v["name"]: v for v in spec["volumes"]}
         mounts = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
-        assert mounts["/etc/tunedex"]["configMap"]["name"] == "tunedex-config", where
+        config = "tunedex-config-flows" if where == "flow run" else config_maps(objs)[0]["metadata"]["name"]
+        assert mounts[str(k8s.CONFIG_DIR)]["configMap"]["name"] == config, where
         assert mounts[str(cfg.data_dir)]["persistentVolumeClaim"]["claimName"] == "tunedex-data", where
         files = {}
         for mount, volume in mounts.items():
             for source in volume.get("projected", {}).get("sources", []):
                 for item in source["secret"]["items"]:
                     files[f"{mount}/{item['path']}"] = (source["secret"]["name"], item["key"])
-        assert files == {str(cfg.serve.api_key_file): ("tunedex-api-key", "api_key"),
+        assert files == {str(k8s.SECRET_FILES["serve.api_key_file"][0]): ("tunedex-api-key", "api_key"),
                          str(cfg.ray.auth_token_path): ("tunedex-ray-auth", "auth_token")}, where
         if where != "flow run":
             env = {e["name"]: e.get("value") for e in c["env"]}
@@ -509,7 +530,7 @@ def test_prod_adds_gpu_worker_groups_that_scale_from_zero(out):
 
 
 def test_rayjobs_run_the_tunedex_commands_on_their_own_cluster(out, cfg):
-    finetune, embed = jobs(out)
+    finetune, embed = (by_kind(build(out / "jobs" / name), "RayJob") for name in ("finetune", "embed"))
     assert finetune["metadata"]["name"] == "tunedex-finetune"
     assert finetune["spec"]["entrypoint"].startswith(
         "tunedex finetune /etc/tunedex/config.yaml --set finetune.ray.run_name=tunedex-finetune")
@@ -523,93 +544,70 @@ def test_rayjobs_run_the_tunedex_commands_on_their_own_cluster(out, cfg):
     assert finetune["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # workers train
 
 
-def test_a_gpu_fine_tune_gets_gpu_workers_and_its_run_name_names_the_rayjob(tmp_path):
-    text = CLUSTER.read_text().replace(
-        "ray: {num_workers: 2, use_gpu: false, resources_per_worker: {CPU: 1},",
-        "ray: {num_workers: 4, use_gpu: true, run_name: ft-0301, resources_per_worker: {GPU: 1},")
-    (tmp_path / "gpu.yaml").write_text(text)
-    k8s.render(tmp_path / "gpu.yaml", tmp_path / "o", IMAGE)
-    [job] = load_docs(tmp_path / "o/jobs/finetune/rayjob.yaml")
-    assert job["metadata"]["name"] == "ft-0301" and "finetune.ray.run_name=ft-0301" in job["spec"]["entrypoint"]
-    gpu = group(job, "gpu")
-    assert gpu["replicas"] == 4 and gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    (tmp_path / "bad.yaml").write_text(text.replace("run_name: ft-0301", "run_name: FT_0301"))
-    with pytest.raises(ConfigError, match="finetune.ray.run_name: 'FT_0301' also names the RayJob"):
-        k8s.render(tmp_path / "bad.yaml", tmp_path / "p", IMAGE)
-
-
 # ---------------------------------------------------------------------------------------------
-# What render refuses
+# What `tunedex config check --cluster` refuses
 
 
-def test_a_laptop_config_is_refused_with_every_problem_listed(tmp_path):
+def test_a_laptop_config_is_refused_with_every_problem_listed():
     with pytest.raises(ConfigError) as exc:
-        k8s.render(REPO / "configs/local.yaml", tmp_path / "out", IMAGE)
+        k8s.check_cluster_config(REPO / "configs/local.yaml")
     msg = str(exc.value)
     for needle in ("milvus.local_server: set false", "ray.local_head: set false", "milvus.uri: http://127.0.0.1:19530",
                    "ray.address: use ray://tunedex-head-svc:10001", "serve.host: 127.0.0.1",
-                   "prefect.api_url: set it", "data_dir: .tunedex is relative"):
+                   "prefect.api_url: set it", "corpus.path: demo-data/day1/corpus is relative",
+                   "data_dir: the manifests mount the data volume at /var/lib/tunedex",
+                   "serve.api_key_file: set it to /var/run/secrets/tunedex/api_key",
+                   "ray.auth_token_path: set it to /var/run/secrets/tunedex/ray_auth_token"):
         assert needle in msg, msg
-    assert "problems for a cluster" in msg and not (tmp_path / "out").exists()
+    assert "problems for a cluster" in msg
 
 
-def test_secret_files_inside_another_mount_are_refused(tmp_path):
-    """A volume cannot be mounted inside the ConfigMap's (read-only) mount."""
-    raw = yaml.safe_load(CLUSTER.read_text())
-    raw["serve"]["api_key_file"] = "/etc/tunedex/secrets/api_key"
-    (tmp_path / "nested.yaml").write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="serve.api_key_file: /etc/tunedex/secrets/api_key is inside the mount at"):
-        k8s.render(tmp_path / "nested.yaml", tmp_path / "out", IMAGE)
+@pytest.mark.parametrize("old, new, problem", [
+    ("  port: 8000\n", "  port: 8001\n", "serve.port: 8001, but the manifests use 8000"),
+    ("  dashboard_port: 8265", "  dashboard_port: 8266", "ray.dashboard_port: 8266, but the manifests use 8265"),
+    ("/var/run/secrets/tunedex/api_key ", "/etc/tunedex/secrets/api_key ", "serve.api_key_file: set it to /var/run"),
+    ("run_name: null", "run_name: FT_0301", "finetune.ray.run_name: 'FT_0301' also names the RayJob"),
+])
+def test_values_the_manifests_fix_are_checked(tmp_path, old, new, problem):
+    text = CLUSTER.read_text().replace("storage_path:", "run_name: null, storage_path:")
+    assert old in text
+    (tmp_path / "c.yaml").write_text(text.replace(old, new))
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        k8s.check_cluster_config(tmp_path / "c.yaml")
 
 
 def test_a_config_that_fails_the_schema_is_refused_with_the_schema_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(CLUSTER.read_text().replace("  collection: tunedex_docs", "  colection: tunedex_docs"))
     with pytest.raises(ConfigError, match="milvus.colection: unknown key; did you mean 'collection'"):
-        k8s.render(bad, tmp_path / "out", IMAGE)
+        k8s.check_cluster_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
-        k8s.render(tmp_path / "missing.yaml", tmp_path / "out", IMAGE)
-
-
-def test_a_non_empty_output_dir_is_refused_unless_overwrite(tmp_path):
-    target = tmp_path / "deploy"
-    target.mkdir()
-    (target / "notes.txt").write_text("mine")
-    with pytest.raises(k8s.RenderError, match="exists and is not empty"):
-        k8s.render(CLUSTER, target, IMAGE)
-    (target / "base").mkdir()
-    (target / "base" / "stale.yaml").write_text("kind: Old\n")
-    written = k8s.render(CLUSTER, target, IMAGE, overwrite=True)
-    assert not (target / "base" / "stale.yaml").exists() and (target / "notes.txt").read_text() == "mine"
-    assert {p.relative_to(target).as_posix() for p in written} == {
-        p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file() and p.name != "notes.txt"}
+        k8s.check_cluster_config(tmp_path / "missing.yaml")
 
 
 # ---------------------------------------------------------------------------------------------
 # The checked-in k8s/ and the Dockerfile
 
 
-def test_checked_in_k8s_dir_is_the_render_of_configs_cluster_yaml(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
-    k8s.render(Path("configs/cluster.yaml"), tmp_path / "k8s")
-    want = {p.relative_to(tmp_path / "k8s").as_posix(): p.read_text() for p in (tmp_path / "k8s").rglob("*") if p.is_file()}
-    have = {p.relative_to(REPO / "k8s").as_posix(): p.read_text() for p in (REPO / "k8s").rglob("*") if p.is_file()}
-    assert sorted(have) == sorted(want), "k8s/ is stale: tunedex k8s render --config configs/cluster.yaml k8s --overwrite"
-    stale = [name for name in want if have[name] != want[name]]
-    assert not stale, f"k8s/ is stale ({stale}): tunedex k8s render --config configs/cluster.yaml k8s --overwrite"
+def test_the_checked_in_config_passes_the_cluster_check_and_the_manifests_use_its_ports(cfg):
+    """The ports the manifests open are the config's: Ray's head and workers, Serve, the network policy."""
+    service = by_kind(build(K8S / "overlays/prod"), "RayService")
+    spec = service["spec"]["rayClusterConfig"]
+    params = spec["headGroupSpec"]["rayStartParams"]
+    assert (params["dashboard-port"], params["ray-client-server-port"], params["metrics-export-port"]) == (
+        str(cfg.ray.dashboard_port), str(cfg.ray.client_server_port), str(cfg.ray.metrics_export_port))
+    for name, port in k8s.PORTS.items():
+        section, key = name.split(".")
+        assert getattr(getattr(cfg, section), key) == port, name
+    head_ports = {p["name"]: p["containerPort"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert head_ports["serve"] == cfg.serve.port and head_ports["dashboard"] == cfg.ray.dashboard_port
 
 
-def test_kustomize_builds_every_overlay_and_job(out):
-    """A failure, not a skip, without kubectl: a manifest kustomize cannot build must not pass CI unseen."""
-    kustomize = (["kubectl", "kustomize"] if shutil.which("kubectl") else ["kustomize", "build"] if shutil.which("kustomize")
-                 else pytest.fail("neither kubectl nor kustomize is on PATH: install kubectl (it carries kustomize) "
-                                  "to check the manifests"))
-    for rel in ("overlays/dev", "overlays/prod", "jobs/finetune", "jobs/embed"):
-        built = subprocess.run([*kustomize, str(out / rel)], capture_output=True, text=True, timeout=60)
-        assert built.returncode == 0, built.stderr
-        objs = [d for d in yaml.safe_load_all(built.stdout) if d]
-        assert {c["image"] for c in containers_of(objs)} == {IMAGE}, rel
+def test_kustomize_builds_every_overlay_and_job_into_the_namespace(out):
+    for rel in BUILT:
+        objs = build(out / rel)
         assert {o["metadata"].get("namespace") for o in objs} == {"tunedex"}, rel
+        assert len({(o["kind"], o["metadata"]["name"]) for o in objs}) == len(objs), rel
 
 
 def test_dockerfile_takes_the_cuda_base_as_an_argument_runs_as_non_root_and_bakes_no_secret():
@@ -617,7 +615,9 @@ def test_dockerfile_takes_the_cuda_base_as_an_argument_runs_as_non_root_and_bake
     assert any(ln.startswith("ARG BASE_IMAGE=nvidia/cuda:") for ln in lines)
     assert "FROM ${BASE_IMAGE}" in lines
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
-    assert users and users[-1] not in ("root", "0") and "ARG UID=10001" in lines and str(k8s.UID) == "10001"
+    assert users and users[-1] not in ("root", "0") and "ARG UID=10001" in lines
+    pods = [t for o in build(K8S / "overlays/prod") for _, t in pod_templates(o)]
+    assert {t["spec"]["securityContext"]["runAsUser"] for t in pods} == {10001}  # the image's user
     settings = [ln for ln in lines if ln.startswith(("ENV", "ARG"))]
     for word in ("KEY", "TOKEN", "SECRET", "PASSWORD"):
         assert not [ln for ln in settings if word in ln.upper()], f"the Dockerfile sets a {word}"
@@ -625,14 +625,11 @@ def test_dockerfile_takes_the_cuda_base_as_an_argument_runs_as_non_root_and_bake
     assert {".git", ".venv", ".tunedex", "**/secrets", ".env"} <= set(ignored)
 
 
-def test_cli_renders_and_refuses_a_laptop_config(tmp_path):
+def test_cli_checks_a_cluster_config(tmp_path):
     from conftest import run_cli
 
-    ok = run_cli("k8s", "render", str(tmp_path / "out"), "-c", str(REPO / "configs/cluster.yaml"),
-                 "--image", "ghcr.io/acme/tunedex:1.2.3", cwd=REPO)
-    assert "wrote" in ok.stdout and (tmp_path / "out" / "overlays" / "dev" / "kustomization.yaml").is_file()
-    again = run_cli("k8s", "render", str(tmp_path / "out"), "-c", str(REPO / "configs/cluster.yaml"), cwd=REPO, check=False)
-    assert again.returncode == 1 and "Traceback" not in again.stderr
-    laptop = run_cli("k8s", "render", str(tmp_path / "laptop"), "-c", str(REPO / "configs/local.yaml"), cwd=REPO,
-                     check=False)
-    assert laptop.returncode == 2 and "Traceback" not in laptop.stderr
+    ok = run_cli("config", "check", str(CLUSTER), "--cluster", cwd=REPO)
+    assert "ok for a cluster" in ok.stdout
+    laptop = run_cli("config", "check", "configs/local.yaml", "--cluster", cwd=REPO, check=False)
+    assert laptop.returncode == 2 and "problems for a cluster" in laptop.stderr and "Traceback" not in laptop.stderr
+    assert run_cli("config", "check", "configs/local.yaml", cwd=REPO).returncode == 0  # fine on a laptop

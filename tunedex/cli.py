@@ -20,10 +20,8 @@ from tunedex.infra.errors import TunedexError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Check and show configuration.")
 flows_app = typer.Typer(no_args_is_help=True, help="Run Prefect flows.")
-k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes manifests rendered from a tunedex config.")
 app.add_typer(config_app, name="config")
 app.add_typer(flows_app, name="flows")
-app.add_typer(k8s_app, name="k8s")
 
 DEFAULT_CONFIG = "configs/local.yaml"
 ConfigOpt = Annotated[
@@ -71,8 +69,17 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @config_app.command("check")
 @friendly_errors
-def config_check(file: Path) -> None:
+def config_check(
+    file: Path,
+    cluster: Annotated[bool, typer.Option("--cluster", help="also check what Kubernetes needs (the manifests in k8s/)")] = False,
+) -> None:
     """Validate FILE; list every problem with its fix."""
+    if cluster:
+        from tunedex.infra.k8s import check_cluster_config
+
+        check_cluster_config(file)
+        typer.echo(f"{file}: ok for a cluster (kubectl apply -k k8s/overlays/dev; see k8s/README.md)")
+        return
     load_config(file)
     typer.echo(f"{file}: ok")
 
@@ -473,23 +480,6 @@ def deployment_config(config: Path | None) -> str:
     if path is None:
         raise ConfigError("deployments hand their config file to every run; pass -c CONFIG")
     return str(path.resolve())
-
-
-@k8s_app.command("render")
-@friendly_errors
-def k8s_render(
-    out: Annotated[Path, typer.Argument(help="directory to write: new or empty (or --overwrite)")],
-    config: Annotated[Path, typer.Option("--config", "-c", help="the cluster config, e.g. configs/cluster.yaml")],
-    image: Annotated[Optional[str], typer.Option(help="tunedex image with a version tag or digest")] = None,
-    release: Annotated[Optional[str], typer.Option(help="release id the RayService's Serve config also loads")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace what an earlier render wrote in OUT")] = False,
-) -> None:
-    """Write kustomize manifests (base, overlays dev/prod, RayJobs) for CONFIG into OUT."""
-    from tunedex.infra.k8s import render
-
-    files = render(config, out, image, release_id=release, overwrite=overwrite)
-    typer.echo(f"wrote {len(files)} files under {out}")
-    typer.echo(f"next: the namespace and Secrets (docs/cluster.md, step 5), then kubectl apply -k {out}/overlays/dev")
 
 
 def prefect_env(cfg: TunedexConfig) -> None:
