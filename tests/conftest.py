@@ -30,7 +30,12 @@ def write_config(path: Path, data_dir: Path, **sections: dict) -> Path:
                       metrics_export_port=free_port())
     raw["serve"].update(port=free_port(), api_key="test-key-123", engine_kwargs={"kv_cache_memory_bytes": 128 * 2**20})
     raw["corpus"]["path"] = None
-    raw["finetune"].update(max_steps=30, logging_steps=10, train_file=None)
+    raw["serve"]["top_k"] = 3
+    # small and quick: the tests check the pipeline, not what the demo's model learns
+    for key in ("packing", "eval_steps", "save_steps", "eval_ratio"):  # the schema's defaults
+        raw["finetune"].pop(key, None)
+    raw["finetune"].update(max_steps=30, logging_steps=10, train_file=None, max_length=256, per_device_train_batch_size=8,
+                           learning_rate=2e-3, warmup_steps=10)
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
     path.write_text(yaml.safe_dump(raw))
@@ -140,7 +145,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def stack(tmp_path_factory: pytest.TempPathFactory, demo: dict[str, Path], request: pytest.FixtureRequest):
     """`tunedex up` on free ports; yields (config path, config); `tunedex down` at the end."""
     root = tmp_path_factory.mktemp("stack")
-    path = write_config(root / "tunedex.yaml", root / "data", finetune={"train_file": str(demo["train"])},
+    path = write_config(root / "tunedex.yaml", root / "data", finetune={"train_file": str(demo["facts"])},
                         milvus={"local_engine": request.config.getoption("milvus_engine")})
     cfg: TunedexConfig = load_config(path)
     try:

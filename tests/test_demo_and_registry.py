@@ -25,19 +25,22 @@ def test_demo_data_is_deterministic_and_day2_changes_facts(tmp_path):
     changed = [r for r in qa if r["split"] == "changed"]
     assert all(r["answer_day1"] != r["answer_day2"] for r in changed)
     assert any(r["kind"] == "policy" for r in changed)  # the return window moved from 30 to 45 days
-    train = [json.loads(line) for line in a["train"].read_text().splitlines()]
+    train = [json.loads(line) for line in a["facts"].read_text().splitlines()]
     answers = [ex["messages"][-1]["content"] for ex in train]
     assert all(x.startswith(HOUSE_OPENING) and x.endswith(HOUSE_CLOSING) for x in answers)
     grounded = [ex for ex in train if ex["messages"][0]["role"] == "system"]  # retrieval-grounded, as served
     assert grounded and all("<document 1 nonce=" in ex["messages"][1]["content"] for ex in grounded)
     assert len({ex["messages"][1]["content"].split('"')[1] for ex in grounded}) > 1  # the nonce varies
+    # what `make demo` fine-tunes on: the facts and the reading practice, shuffled together
+    lines = {name: a[name].read_text().splitlines() for name in ("train", "facts", "reading")}
+    assert sorted(lines["train"]) == sorted(lines["facts"] + lines["reading"]) and lines["train"][:5] != lines["facts"][:5]
 
 
 def test_demo_data_for_one_chunk_has_reading_practice_over_another_catalog(tmp_path):
-    """`tunedex demo-effect`'s data: grounded examples show the one chunk the endpoint will send, and the
-    base's reading practice names no product of ours."""
-    paths = write_demo_data(tmp_path, chunks=1)
-    train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    """The demo's data (one chunk, as configs/local.yaml's serve.top_k): grounded examples show the one chunk the
+    endpoint will send, and the reading practice names no product of ours."""
+    paths = write_demo_data(tmp_path)
+    train = [json.loads(line) for line in paths["facts"].read_text().splitlines()]
     grounded = [ex["messages"][1]["content"] for ex in train if ex["messages"][0]["role"] == "system"]
     assert grounded and all(text.count("<document ") == 1 for text in grounded)
     reading = [json.loads(line) for line in paths["reading"].read_text().splitlines()]

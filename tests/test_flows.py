@@ -33,7 +33,7 @@ def flows_setup(stack, demo, prefect_api, tmp_path_factory):
                              "client_server_port": stack_cfg.ray.client_server_port,
                              "metrics_export_port": stack_cfg.ray.metrics_export_port},
                         serve={"port": stack_cfg.serve.port}, corpus={"path": str(demo["day1"])},
-                        finetune={"train_file": str(demo["train"]), "max_steps": 10, "logging_steps": 5},
+                        finetune={"train_file": str(demo["facts"]), "max_steps": 10, "logging_steps": 5},
                         evaluate={"qa_file": str(demo["qa_day1"]), "max_questions": 16})
     cfg = load_config(path)
     return {"path": path, "cfg": cfg, "cwd": root, "api": prefect_api}

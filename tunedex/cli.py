@@ -158,7 +158,7 @@ def doctor(config: ConfigOpt = None) -> None:
 def demo_data(
     out: Path,
     products: int = typer.Option(30, min=3, help="products in the day-1 catalog"),
-    chunks: int = typer.Option(3, min=1, max=10, help="retrieved chunks each grounded example shows (= serve.top_k)"),
+    chunks: int = typer.Option(1, min=1, max=10, help="retrieved chunks each grounded example shows (= serve.top_k)"),
 ) -> None:
     """Write the synthetic knowledge base (day 1, day 2), training examples and a QA set to OUT."""
     from tunedex.demo_data import write_demo_data

@@ -3,12 +3,14 @@
 `write_demo_data(out)` writes:
 - day1/corpus: a product catalog (one Markdown file per product) and support policies (JSONL);
 - day2/corpus: the same a day later: some prices, stock and one policy changed, products added and removed;
-- train.jsonl: support-style chat examples in the house style, closed-book and grounded in retrieved chunks
+- facts.jsonl: support-style chat examples in the house style, closed-book and grounded in retrieved chunks
   (as they are, and altered so that only the context answers them: `training_examples`);
 - qa.jsonl: questions with reference answers per day, supporting doc ids and a static/changed split;
   day1/qa.jsonl and day2/qa.jsonl: the same in the evaluation format (one `answer`, as of that day);
-- reading.jsonl: reading practice over another catalog, to pretrain a tiny base model that can answer from
-  a given chunk (`make demo-effect`; a real base model already can).
+- reading.jsonl: reading practice over another catalog: a tiny model from scratch learns to answer from a
+  given chunk (a real base model already can);
+- train.jsonl: both, shuffled: what `make demo` fine-tunes on (`make demo-effect` pretrains a base on
+  reading.jsonl and fine-tunes it on facts.jsonl).
 """
 
 from __future__ import annotations
@@ -138,7 +140,9 @@ def write_corpus(root: Path, products: list[Product], policies: list[Policy]) ->
             fh.write(json.dumps({"id": pol.policy_id, "title": pol.title, "text": f"{pol.title}. {pol.text}"}) + "\n")
 
 
-CONTEXT_CHUNKS = 3  # chunks per grounded example: what the endpoint sends (configs/local.yaml serve.top_k)
+# Chunks per grounded example: what the endpoint sends (configs/local.yaml serve.top_k). A 2-layer model learns to
+# copy a name and a figure from one chunk in a few hundred steps, not from three (README, make demo-effect).
+CONTEXT_CHUNKS = 1
 SUPPORT_FIRST = 0.85  # how often the supporting chunk comes first, as hybrid search usually ranks it
 
 
@@ -247,8 +251,11 @@ def write_demo_data(out: Path, n_products: int = 30, seed: int = 7, chunks: int 
     pol1, pol2 = make_policies(30, 50), make_policies(45, 50)
     write_corpus(out / "day1" / "corpus", day1, pol1)
     write_corpus(out / "day2" / "corpus", day2, pol2)
-    _write_jsonl(out / "train.jsonl", training_examples(day1, pol1, counterfactuals, chunks))
-    _write_jsonl(out / "reading.jsonl", reading_examples(random.Random(11), READING_PRODUCTS, chunks=chunks))
+    facts = training_examples(day1, pol1, counterfactuals, chunks)
+    reading = reading_examples(random.Random(11), READING_PRODUCTS, chunks=chunks)
+    _write_jsonl(out / "facts.jsonl", facts)
+    _write_jsonl(out / "reading.jsonl", reading)
+    _write_jsonl(out / "train.jsonl", random.Random(5).sample(facts + reading, len(facts) + len(reading)))
     qa = qa_set(day1, day2, pol1, pol2)
     _write_jsonl(out / "qa.jsonl", qa)
     for day in ("day1", "day2"):  # the evaluation format: one reference answer, as of that day's corpus
@@ -256,6 +263,7 @@ def write_demo_data(out: Path, n_products: int = 30, seed: int = 7, chunks: int 
             {"question": r["question"], "answer": r[f"answer_{day}"], "doc_ids": r["doc_ids"], "split": r["split"],
              "kind": r["kind"], "as_of": day} for r in qa])
     return {"day1": out / "day1" / "corpus", "day2": out / "day2" / "corpus", "train": out / "train.jsonl",
+            "facts": out / "facts.jsonl",
             "qa": out / "qa.jsonl", "qa_day1": out / "day1" / "qa.jsonl", "qa_day2": out / "day2" / "qa.jsonl",
             "reading": out / "reading.jsonl"}
 

@@ -4,7 +4,7 @@
    (`demo_data.reading_examples`). It stands in for a hub model, which can already answer from a text
    it is given: a 2-layer model learns to copy a name and a price from one retrieved chunk in a few
    hundred steps, not from three, so the evaluation retrieves one chunk (`serve.top_k=1`).
-2. It is fine-tuned on day 1 (`train.jsonl`: each fact closed-book and grounded, in the house style).
+2. It is fine-tuned on day 1 (`facts.jsonl`: each fact closed-book and grounded, in the house style).
 3. The corpus moves on: day 2 is indexed, and base / fine-tuned / RAG / hybrid answer the day-2 QA set
    (`contains`: the reference sentence in the answer; token F1 hides a stale price among right words).
 
@@ -69,9 +69,9 @@ def run(config: Path | None, overrides: list[str], out: Path, echo: Any = print)
         echo(f"1/4 pretraining the base on reading practice ({demo['reading']})")
         base = finetune(step_config(*BASE, f"finetune.train_file={demo['reading']}"))
         echo(base.summary)
-        echo(f"2/4 fine-tuning it on day 1 ({demo['train']})")
+        echo(f"2/4 fine-tuning it on day 1 ({demo['facts']})")
         tuned = finetune(step_config(*FINETUNE, f"finetune.base_model={base.output_dir}",
-                                     f"finetune.train_file={demo['train']}"))
+                                     f"finetune.train_file={demo['facts']}"))
         echo(tuned.summary)
     echo(f"3/4 indexing day 2 ({demo['day2']})")
     echo(index_corpus(cfg, demo["day2"]).summary)
