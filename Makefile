@@ -51,7 +51,7 @@ demo: install
 	@echo
 	@echo "The endpoint is up at http://127.0.0.1:8000 (POST /v1/query). Try:"
 	@echo "  curl -s http://127.0.0.1:8000/v1/query -H 'Content-Type: application/json' -d '{\"question\": \"When is shipping free?\"}'"
-	@echo "  $(BIN)/tunedex ask \"What warranty does the Basalt Keyboard 101 have?\""
+	@echo "  $(BIN)/tunedex ask \"What warranty does the Basalt Desk Lamp 101 have?\""
 	@echo "Day 2 (prices, stock and the return window change): re-index, then ask again; no new fine-tune:"
 	@echo "  $(BIN)/tunedex flows run nightly-reembed --corpus $(DEMO)/day2/corpus"
 	@echo "  $(BIN)/tunedex ask \"How many days do I have to return an item?\"   (30 on day 1, 45 on day 2)"
