@@ -53,6 +53,9 @@ class MilvusConfig(Section):
     search_params: dict[str, Any] | None = Field(None, description="dense search params; default per index_type")
     write_batch_size: int = Field(256, ge=1, le=10_000)
     keep_collections: int = Field(2, ge=1, description="collections of past embedding models kept, the live one included")
+    text_analyzer: Literal["english", "standard", "chinese"] | None = Field(
+        None, description="Milvus analyzer of the BM25 text field, fixed when a collection is created; default english "
+                          "(stemming, stop words), standard on milvus.local_engine milvus-lite-3 (it has no other)")
     ranker: Literal["rrf", "weighted"] = Field("rrf", description="how dense and BM25 results are fused")
     ranker_weights: tuple[float, float] = Field((0.7, 0.3), description="dense, BM25 weights for `weighted`")
 
@@ -73,7 +76,19 @@ class MilvusConfig(Section):
                 f"index_type {self.index_type} is not available on milvus.local_engine milvus-lite-2.5 (FLAT and IVF_FLAT only); "
                 "set milvus.index_type: IVF_FLAT, or milvus.local_engine: milvus-lite-3"
             )
+        if self.on_lite3 and self.text_analyzer not in (None, "standard"):
+            raise ValueError(f"text_analyzer {self.text_analyzer} is not available on milvus.local_engine milvus-lite-3 "
+                             "(standard only); set milvus.text_analyzer: standard, or milvus.local_engine: milvus-lite-2.5")
         return self
+
+    @property
+    def on_lite3(self) -> bool:
+        return self.local_server and self.is_loopback and self.local_engine == "milvus-lite-3"
+
+    @property
+    def analyzer(self) -> str:
+        """The BM25 analyzer new collections get."""
+        return self.text_analyzer or ("standard" if self.on_lite3 else "english")
 
     @field_validator("collection")
     @classmethod

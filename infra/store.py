@@ -78,7 +78,9 @@ def ensure_collection(client: MilvusClient, cfg: MilvusConfig, name: str, dim: i
     schema.add_field("doc_version", DataType.VARCHAR, max_length=64)
     schema.add_field("doc_chunks", DataType.INT64)  # chunks the doc version has: tells a complete doc from a partial one
     schema.add_field("chunk_index", DataType.INT64)
-    schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT, enable_analyzer=True)
+    # english stems and drops stop words: "return an item" finds "items can be returned" (standard does not)
+    schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT, enable_analyzer=True,
+                     analyzer_params={"type": cfg.analyzer})
     schema.add_field("metadata", DataType.JSON)
     schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)

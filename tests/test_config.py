@@ -144,3 +144,11 @@ def test_one_override_syntax_a_bare_key_value_is_refused_with_the_set_form(tmp_p
     shown = subprocess.run([cli, "config", "show", "-c", str(cfg), "--set", "finetune.max_steps=20"],
                            capture_output=True, text=True, check=True).stdout
     assert "max_steps: 20" in shown
+
+
+def test_the_bm25_analyzer_is_english_where_the_engine_has_it():
+    assert load_config(REPO / "configs/local.yaml").milvus.analyzer == "english"
+    lite3 = ["milvus.local_engine=milvus-lite-3"]
+    assert load_config(REPO / "configs/local.yaml", lite3).milvus.analyzer == "standard"
+    with pytest.raises(ConfigError, match="text_analyzer english is not available on milvus.local_engine milvus-lite-3"):
+        load_config(REPO / "configs/local.yaml", [*lite3, "milvus.text_analyzer=english"])

@@ -53,6 +53,24 @@ def test_index_twice_leaves_the_same_rows_then_day2_syncs(cfg, demo):
     assert _stored(cfg, first.collection) == rows1 and back.docs_removed == 3
 
 
+@pytest.mark.parametrize("analyzer, first", [("english", "policies.jsonl#policy-returns"),
+                                               ("standard", "policies.jsonl#policy-shipping")])
+def test_bm25_uses_the_configured_analyzer(stack, demo, request, analyzer, first):
+    """`english` stems: "return an item" finds "items can be returned"; `standard` ranks the shorter shipping policy
+    first, which ties with the returns policy in hybrid search and lost the demo's return question at top_k 1."""
+    if analyzer != "standard" and stack[1].milvus.on_lite3:
+        pytest.skip("milvus-lite-3 has the standard analyzer only (the config check refuses english there)")
+    cfg = load_config(stack[0], [f"milvus.collection=bm25_{analyzer}", f"milvus.text_analyzer={analyzer}"])
+    name = index_corpus(cfg, demo["day1"]).collection
+    client = store.connect(cfg.milvus)
+    try:
+        hits = client.search(name, ["How many days do I have to return an item?"], anns_field="sparse", limit=2,
+                             output_fields=["doc_id"])[0]
+    finally:
+        client.close()
+    assert hits[0]["entity"]["doc_id"] == first, hits
+
+
 def test_dry_run_writes_nothing(cfg, demo, tmp_path):
     index_corpus(cfg, demo["day1"])
     corpus = tmp_path / "c"
