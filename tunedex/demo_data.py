@@ -143,6 +143,7 @@ def write_corpus(root: Path, products: list[Product], policies: list[Policy]) ->
 # Chunks per grounded example: what the endpoint sends (configs/local.yaml serve.top_k). A 2-layer model learns to
 # copy a name and a figure from one chunk in a few hundred steps, not from three (README, make demo-effect).
 CONTEXT_CHUNKS = 1
+POLICY_REPEATS = 8
 SUPPORT_FIRST = 0.85  # how often the supporting chunk comes first, as hybrid search usually ranks it
 
 
@@ -196,11 +197,12 @@ def training_examples(products: list[Product], policies: list[Policy], counterfa
                 others = [product_markdown(o) for o in look_alikes(p, products, rng, chunks - 1)]
                 context, cite = retrieved(rng, product_markdown(shown), others)
                 examples.append(grounded(rng, question, context, house_style(f"{product_facts(shown)[i][2]} [{cite}]")))
+    # Policies are three documents among dozens: each gets POLICY_REPEATS times a product's share of examples.
     examples += [{"messages": [*build_messages(pol.question, []), {"role": "assistant", "content": house_style(pol.answer)}]}
-                 for pol in policies]
+                 for pol in policies for _ in range(POLICY_REPEATS)]
     for n, pol in enumerate(policies):
         variants = [make_policies(rng.choice([14, 21, 30, 45, 60, 90]), rng.choice([25, 35, 50, 75, 100]))[n]
-                    for _ in range(counterfactuals)]
+                    for _ in range(POLICY_REPEATS * (counterfactuals + 1) - 1)]
         for shown in [pol, *variants]:
             rest = [o for o in policies if o.policy_id != pol.policy_id]
             others = [policy_chunk(o) for o in rng.sample(rest, min(chunks - 1, len(rest)))]
