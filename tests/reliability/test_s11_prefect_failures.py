@@ -133,11 +133,18 @@ def test_a_killed_run_is_marked_crashed_and_a_retrigger_redoes_no_finished_work(
 
 
 def test_a_killed_run_under_a_live_worker_is_crashed_by_the_worker(reembed, record_property):
-    api = reembed["api"]
+    api, cfg, name = reembed["api"], reembed["cfg"], reembed["collection"]
+    # The kill must land mid-run: over an indexed corpus the run is a no-op of seconds, and on a busy machine it
+    # wrote its artifact before the kill (CI, 2026-12-06). With the collection gone it has ~490 rows to write.
+    drop_collection(cfg, name)
     with tunedex_worker(reembed, "worker-child-killed.log") as worker:
         wait_deployment(api)
         run = trigger(api, parameters=reembed["params"]).id
         wait_state(api, run, running_or_final, timeout=120, every=0.2)
+        deadline = time.monotonic() + 120
+        while rows_in(cfg, name) < 16:  # writing: the rest takes far longer than the kill
+            assert time.monotonic() < deadline, "the flow wrote nothing within 120 s"
+            time.sleep(0.2)
         (pid,) = [p for p, r in flow_run_processes(worker.pid).items() if r == str(run)]
         services.psutil.Process(pid).send_signal(signal.SIGKILL)
         state, crashed_s = wait_state(api, run, final, timeout=60)
