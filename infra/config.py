@@ -71,24 +71,25 @@ class MilvusConfig(Section):
 
     @model_validator(mode="after")
     def _index_on_local_engine(self) -> "MilvusConfig":
-        if self.local_server and self.is_loopback and self.local_engine == "milvus-lite-2.5" and self.index_type not in ("FLAT", "IVF_FLAT"):
+        if self.embedded_engine == "milvus-lite-2.5" and self.index_type not in ("FLAT", "IVF_FLAT"):
             raise ValueError(
                 f"index_type {self.index_type} is not available on milvus.local_engine milvus-lite-2.5 (FLAT and IVF_FLAT only); "
                 "set milvus.index_type: IVF_FLAT, or milvus.local_engine: milvus-lite-3"
             )
-        if self.on_lite3 and self.text_analyzer not in (None, "standard"):
+        if self.embedded_engine == "milvus-lite-3" and self.text_analyzer not in (None, "standard"):
             raise ValueError(f"text_analyzer {self.text_analyzer} is not available on milvus.local_engine milvus-lite-3 "
                              "(standard only); set milvus.text_analyzer: standard, or milvus.local_engine: milvus-lite-2.5")
         return self
 
     @property
-    def on_lite3(self) -> bool:
-        return self.local_server and self.is_loopback and self.local_engine == "milvus-lite-3"
+    def embedded_engine(self) -> str | None:
+        """The Milvus Lite engine `tunedex up` runs for this config; None for a Milvus server."""
+        return self.local_engine if self.local_server and self.is_loopback else None
 
     @property
     def analyzer(self) -> str:
         """The BM25 analyzer new collections get."""
-        return self.text_analyzer or ("standard" if self.on_lite3 else "english")
+        return self.text_analyzer or ("standard" if self.embedded_engine == "milvus-lite-3" else "english")
 
     @field_validator("collection")
     @classmethod

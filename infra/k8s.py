@@ -92,10 +92,10 @@ def cluster_problems(cfg: TunedexConfig, api_key_file: Any = None) -> list[str]:
     for key, (path, secret) in SECRET_FILES.items():
         if files[key] is None or PurePosixPath(str(files[key])) != path:
             problems.append(f"{key}: set it to {path}, where the manifests mount the Secret {secret}")
-    values = {"ray.dashboard_port": cfg.ray.dashboard_port, "ray.client_server_port": cfg.ray.client_server_port,
-              "ray.metrics_export_port": cfg.ray.metrics_export_port, "serve.port": cfg.serve.port}
-    problems += [f"{key}: {values[key]}, but the manifests use {port}; set {key}: {port} (or change the manifests)"
-                 for key, port in PORTS.items() if values[key] != port]
+    for key, port in PORTS.items():
+        section, name = key.split(".")
+        if (value := getattr(getattr(cfg, section), name)) != port:
+            problems.append(f"{key}: {value}, but the manifests use {port}; set {key}: {port} (or change the manifests)")
     return problems
 
 
