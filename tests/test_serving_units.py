@@ -16,7 +16,8 @@ def test_serving_prompt_matches_the_training_format():
     assert SYSTEM_PROMPT == TRAINING_SYSTEM_PROMPT
     grounded = [ex for ex in training_examples([], make_policies(30, 50))]
     assert grounded  # policy examples are closed-book: same shape as a `finetuned` query
-    assert build_messages("When is shipping free?", []) == grounded[1]["messages"][:1]
+    shipping = next(ex for ex in grounded if ex["messages"][0]["content"] == "When is shipping free?")
+    assert build_messages("When is shipping free?", []) == shipping["messages"][:1]
     msgs = build_messages("q?", ["first chunk", "second chunk"], nonce="n0nce")
     assert msgs[0] == {"role": "system", "content": SYSTEM_PROMPT}  # retrieved text never goes in the system turn
     assert msgs[1] == {"role": "user", "content": '<document 1 nonce="n0nce">\nfirst chunk\n</document 1 nonce="n0nce">\n'
