@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 # Recorded on the 2-core CI machine kind (tiny GPT-2, demo data, seed 0, 30 steps): ZeRO-2 and ZeRO-3
 # land on the same numbers. A silent change in data, masking or optimisation moves them out of the band.
-RECORDED = {"final_loss": 2.168, "eval_loss": 1.915}  # re-recorded 2026-11-26: demo data with 3-chunk, counterfactual grounded examples
+RECORDED = {"final_loss": 2.190, "eval_loss": 2.099}  # re-recorded 2026-12-07 from CI (both stages): demo facts
+# with one retrieved chunk per grounded example and the three policies 8x a product's share
 BAND = 0.1
 
 
