@@ -30,7 +30,7 @@ def baseline(train_file: Path, tokenizer, spec: dict, max_length: int, epochs: f
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from tunedex.workers.finetune import build_model
+    from tunedex.workers.base_model import build_model
 
     rows = [json.loads(line) for line in train_file.read_text().splitlines()]
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tunedex.infra.config import FinetuneConfig
-from tunedex.workers import base_model as bm, checkpoints as ck, finetune as ft
+from tunedex.workers import base_model as bm, checkpoints as ck, training
 from tunedex.workers import sft_data
 
 EXAMPLES = [
@@ -112,11 +112,11 @@ def test_collate_masks_padding_out_of_the_loss_and_attention():
 def test_deepspeed_config_follows_ours():
     cfg = FinetuneConfig(deepspeed="zero3", gradient_accumulation_steps=4, per_device_train_batch_size=2,
                          offload_optimizer=True)
-    ds = ft.deepspeed_config(cfg, bf16=True)
+    ds = training.deepspeed_config(cfg, bf16=True)
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["bf16"]["enabled"] is True
-    f = ft.lr_lambda(2, 10, "linear")
+    f = training.lr_lambda(2, 10, "linear")
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
 
 
@@ -175,7 +175,7 @@ def test_stale_extension_build_locks_are_cleared_and_fresh_ones_kept(tmp_path, m
         lock.touch()
     old = time.time() - 3600
     os.utime(stale, (old, old))
-    assert ft.clear_stale_build_locks(max_age_s=300) == [stale]
+    assert training.clear_stale_build_locks(max_age_s=300) == [stale]
     assert not stale.exists() and fresh.exists()
 
 

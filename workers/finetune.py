@@ -5,35 +5,31 @@ cluster, train on `ray.num_workers` workers (checkpointing every `save_steps`, r
 last complete checkpoint after a failure or when a run of the same name is submitted again),
 export safetensors + tokenizer + a model card, and register the model version.
 `train_loop_per_worker` is the per-worker loop (`train`, given a frozen `LoopConfig`); what it calls is plain
-Python. The model it starts from is workers/base_model.py's; checkpoints and resume are workers/checkpoints.py's.
+Python in workers/training.py. The model it starts from is workers/base_model.py's; checkpoints and resume are
+workers/checkpoints.py's; the checks before and after training are workers/run_checks.py's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from tunedex.infra.config import FinetuneConfig, TunedexConfig
-from tunedex.infra.errors import TunedexError
 from tunedex.infra.ids import content_hash
 from tunedex.workers import sft_data
-from tunedex.workers.base_model import build_model, export_base, model_spec, prepare_tokenizer, save_model
+from tunedex.workers.base_model import build_model, export_base, model_spec, prepare_tokenizer
 from tunedex.workers.checkpoints import RayTrainIO, check_resume_point, load_checkpoint, run_dir, save_checkpoint
+from tunedex.workers.run_checks import FinetuneError, preflight, training_failure
 from tunedex.workers.sft_data import DataError, load_examples
+from tunedex.workers.training import (
+    clear_stale_build_locks, deepspeed_config, evaluate, export_model, lr_lambda, micro_batches, peak_rss_per_rank,
+)
 
 log = logging.getLogger(__name__)
-
-
-class FinetuneError(TunedexError, ValueError):
-    """Bad training input or settings; the message names the thing and the fix."""
 
 
 @dataclass
@@ -93,108 +89,6 @@ def loop_config(ft: FinetuneConfig, tokenizer: Any, train_seqs: list, eval_seqs:
     )
 
 
-def deepspeed_config(ft: FinetuneConfig, bf16: bool) -> dict[str, Any]:
-    stage = int(ft.deepspeed.removeprefix("zero"))
-    zero: dict[str, Any] = {"stage": stage}
-    if ft.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    return {
-        "train_micro_batch_size_per_gpu": ft.per_device_train_batch_size,
-        "gradient_accumulation_steps": ft.gradient_accumulation_steps,
-        "gradient_clipping": ft.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "fp16": {"enabled": False},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def lr_lambda(warmup: int, total: int, kind: str):
-    import math
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 1 - progress) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def micro_batches(sequences: list[Any], batch_size: int, seed: int):
-    """An endless, seeded stream of shuffled micro-batches over this worker's shard."""
-    import random
-
-    rng = random.Random(seed)
-    order = list(range(len(sequences)))
-    while True:
-        rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield [sequences[i] for i in order[start : start + batch_size]]
-
-
-def preflight(cfg: TunedexConfig, n_train: int) -> None:
-    """Settings the hardware cannot run fail here, before any worker starts (and before Ray waits forever)."""
-    import ray
-
-    ft = cfg.finetune
-    problems = []
-    if ft.bf16 is True and not ft.ray.use_gpu:
-        problems.append("finetune.bf16: true needs GPUs (ray.use_gpu: true); on CPU training runs in fp32: set bf16: auto")
-    if ft.offload_optimizer and not ft.ray.use_gpu:
-        problems.append("finetune.offload_optimizer offloads GPU optimizer state to CPU; it needs ray.use_gpu: true")
-    if ft.offload_optimizer and ft.deepspeed == "zero0":
-        problems.append("finetune.offload_optimizer needs ZeRO stage 1, 2 or 3 (finetune.deepspeed)")
-    have = ray.cluster_resources()
-    need = {k: v * ft.ray.num_workers for k, v in ft.ray.resources_per_worker.items()}
-    if ft.ray.use_gpu:
-        need["GPU"] = max(need.get("GPU", 0), ft.ray.num_workers)
-    for res, amount in need.items():
-        if have.get(res, 0) < amount:
-            problems.append(
-                f"finetune.ray: {ft.ray.num_workers} workers need {amount:g} {res} but the cluster has "
-                f"{have.get(res, 0):g}; lower ray.num_workers or resources_per_worker"
-            )
-    if n_train < ft.ray.num_workers * ft.per_device_train_batch_size:
-        problems.append(
-            f"{n_train} training sequences are fewer than one micro-batch per worker "
-            f"({ft.ray.num_workers} x {ft.per_device_train_batch_size}); add data or lower per_device_train_batch_size"
-        )
-    if problems:
-        raise FinetuneError("cannot start training:\n  - " + "\n  - ".join(problems))
-
-
-def evaluate(engine: Any, sequences: list[Any], batch_size: int, pad_id: int) -> float:
-    import torch
-    import torch.distributed as dist
-
-    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # NCCL reduces device tensors only
-    engine.eval()
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            batch = {k: v.to(engine.device) for k, v in sft_data.collate(sequences[start : start + batch_size], pad_id).items()}
-            n = int((batch["labels"][:, 1:] != sft_data.IGNORE).sum())
-            total += torch.tensor([engine(**batch).loss.item() * n, n], dtype=torch.float64, device=engine.device)
-    engine.train()
-    dist.all_reduce(total)
-    return float(total[0] / max(total[1], 1))
-
-
-def peak_rss_per_rank() -> list[float]:
-    """Each worker's peak resident memory (MiB), gathered on every rank."""
-    import resource
-
-    import torch.distributed as dist
-
-    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mine)
-    return [round(x, 1) for x in out]
-
-
 def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     """Ray Train's entry on each worker."""
     import ray.train
@@ -202,26 +96,6 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     loop, ctx = config["loop"], ray.train.get_context()
     rank = ctx.get_world_rank()
     train(loop, rank, ctx.get_world_size(), RayTrainIO(upload_delay_s=loop.checkpoint_upload_delay_s if rank else 0.0))
-
-
-def clear_stale_build_locks(max_age_s: float = 300.0) -> list[Path]:
-    """Remove JIT-build lock files older than `max_age_s` from torch's extension cache.
-
-    DeepSpeed JIT-builds an op (the CPU shm all-reduce) inside `deepspeed.initialize`, under a
-    plain lock file; a worker killed while holding it leaves the file behind, and every later
-    run waits on it forever. A build takes seconds, so an old lock can only be stale.
-    """
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cache / "torch_extensions")  # where torch builds them
-    now, removed = time.time(), []
-    for lock in root.glob("*/*/lock"):
-        try:
-            if now - lock.stat().st_mtime > max_age_s:
-                lock.unlink()
-                removed.append(lock)
-        except FileNotFoundError:
-            continue
-    return removed
 
 
 def train(config: LoopConfig, rank: int, world: int, io: Any) -> dict[str, Any]:
@@ -279,28 +153,6 @@ def train(config: LoopConfig, rank: int, world: int, io: Any) -> dict[str, Any]:
     return metrics
 
 
-def export_model(engine: Any, io: Any, rank: int, spec: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Rank 0 rebuilds the model from the full (gathered) weights and saves safetensors: the whole model, LoRA
-    merged into it, or (finetune.lora.merge: false) the adapter alone."""
-    import deepspeed
-
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
-    else:
-        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
-    if rank != 0:
-        io.report(metrics)
-        return
-    model = build_model(spec)
-    model.load_state_dict(state)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(model, spec, Path(tmp))
-        Path(tmp, "metrics.json").write_text(json.dumps(metrics))
-        io.report(metrics, tmp)
-
-
 def finished_run(cfg: TunedexConfig, run_name: str, data_hash: str) -> FinetuneResult | None:
     """A run of this name that already exported its model: submitting it again returns that result."""
     from tunedex.infra.registry import load_model
@@ -316,20 +168,6 @@ def finished_run(cfg: TunedexConfig, run_name: str, data_hash: str) -> FinetuneR
         )
     log.info("run %s already finished; its model is %s", run_name, record["path"])
     return FinetuneResult(**{**card["metrics"], "eval_losses": {int(k): v for k, v in card["metrics"]["eval_losses"].items()}})
-
-
-def training_failure(run_name: str, exc: Exception, max_failures: int, resume_step: int) -> str:
-    """One message for a run Ray Train gave up on: what the workers died of, and how to go on."""
-    text = "\n".join([str(exc), *map(str, (getattr(exc, "worker_failures", None) or {}).values())])
-    ours = re.search(r"(?:Finetune|Checkpoint|BaseModel)Error: (.+)", text)  # our own refusal says it all
-    died = re.search(r"The actor (is dead|died)[^.]*\.", text)
-    cause = (ours.group(1).strip() if ours else f"a worker died ({died.group(0)})" if died
-             else text.strip().splitlines()[-1][:300])
-    resume = (f"resumes from its last checkpoint (step {resume_step})" if resume_step
-              else "starts from step 0 (no complete checkpoint was written)")
-    return (f"training run {run_name} failed after the {max_failures} restart(s) finetune.ray.max_failures allows: "
-            f"{cause}. Fix the cause; submitting run {run_name} again {resume} (a higher finetune.ray.max_failures "
-            "restarts the workers by itself)")
 
 
 def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
