@@ -139,9 +139,14 @@ class RayConfig(Section):
         return int(self.address.rsplit(":", 1)[-1])
 
     @property
+    def is_client(self) -> bool:
+        """Reached through Ray Client (a `ray://` address), not the head's GCS port."""
+        return self.address.startswith("ray://")
+
+    @property
     def is_local(self) -> bool:
         """A head on this machine, reached directly (not through a `ray://` client address)."""
-        return not self.address.startswith("ray://") and self.host in ("127.0.0.1", "localhost")
+        return not self.is_client and self.host in ("127.0.0.1", "localhost")
 
 
 class EmbeddingConfig(Section):

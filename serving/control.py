@@ -157,7 +157,7 @@ def promote(cfg: TunedexConfig, config: Path | None, overrides: list[str], relea
     """Make `release` the promoted one: registry only when no Ray (so no endpoint) is up, else `switch`."""
     from tunedex.infra import services
 
-    if not cfg.ray.address.startswith("ray://") and not services.port_open(cfg.ray.host, cfg.ray.port):
+    if not cfg.ray.is_client and not services.port_open(cfg.ray.host, cfg.ray.port):
         registry.promote(cfg.registry_dir, release)
         return "registry"
     with services.connect_ray(cfg):
