@@ -42,8 +42,10 @@ def write_config(path: Path, data_dir: Path, **sections: dict) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `tunedex ARGS` as a user would, in its own process."""
+def run_cli(*args: str, cwd: Path, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `tunedex ARGS` as a user would, in its own process. The timeout only catches a hang: with busy loops on
+    both cores (issue 17) the README pipeline's 30-step fine-tune took over 600 s, 5.5 min of it Ray Train
+    starting its worker group."""
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "tunedex"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

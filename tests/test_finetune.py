@@ -85,5 +85,5 @@ def test_an_eval_set_smaller_than_the_worker_count_does_not_hang(stack):
     path, _ = stack
     m = summary(run_cli("finetune", str(path), *sets("finetune.packing=true", "finetune.eval_ratio=0.02",
                         "finetune.max_steps=6", "finetune.eval_steps=3", "finetune.ray.run_name=small-eval"),
-                        cwd=path.parent, timeout=300))
+                        cwd=path.parent, timeout=900))
     assert m.group(2) == "6" and float(m.group(6)) > 0
