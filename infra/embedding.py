@@ -30,7 +30,10 @@ PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 # How the cached ONNX file is made; part of its cache key, so changing the export never reuses an old file. Eager
 # attention: OpenVINO fuses it as well as anything else (bench/README.md), and the graph is plain ONNX.
 EXPORT = "opset17|eager-attention|last-hidden-state"
-REQUESTS = 4  # OpenVINO infer requests per embedder: texts embedded at once (more threads wait)
+# OpenVINO infer requests per embedder: texts embedded at once (more threads wait). One: with 4 used from the
+# retriever's threads at once, a fresh Retriever replica froze on its first queries under load (CI S8, 2026-12-07:
+# health checks unanswered from 10 s after start, not one request served); a query embeds in milliseconds.
+REQUESTS = 1
 BATCH_TOKENS = 1024  # padded tokens per OpenVINO run (bench/README.md: flat from 1k to 8k on 2 cores)
 # Files of a hub model the embedder never reads: other runtimes' exports of the same weights.
 HUB_IGNORE = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "flax_model*", "tf_model*", "rust_model*"]

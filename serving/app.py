@@ -90,6 +90,9 @@ class Retriever:
         self.embedder = load_embedder(cfg.embedding.model_copy(update={"model": embedding_model}))
         self.client = store.connect(cfg.milvus)
         self.client.load_collection(collection)
+        # first use in one thread, before any query: a fresh replica froze on its first concurrent queries under
+        # load (CI S8, twice), its health checks unanswered; whichever library's first-use set-up it was, it runs here
+        store.hybrid_search(self.client, self.milvus, collection, self.embedder.embed(["warm-up"])[0], "warm-up", 1, "")
 
     async def retrieve(self, question: str, top_k: int, filters: str) -> list[Any] | Problem:
         """The hits, or the `Problem` with a bad filter (returned: exceptions do not cross handles intact)."""
