@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
+import threading
 import sys
 import tempfile
 import warnings
@@ -30,10 +30,6 @@ PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 # How the cached ONNX file is made; part of its cache key, so changing the export never reuses an old file. Eager
 # attention: OpenVINO fuses it as well as anything else (bench/README.md), and the graph is plain ONNX.
 EXPORT = "opset17|eager-attention|last-hidden-state"
-# OpenVINO infer requests per embedder: texts embedded at once (more threads wait). One: with 4 used from the
-# retriever's threads at once, a fresh Retriever replica froze on its first queries under load (CI S8, 2026-12-07:
-# health checks unanswered from 10 s after start, not one request served); a query embeds in milliseconds.
-REQUESTS = 1
 BATCH_TOKENS = 1024  # padded tokens per OpenVINO run (bench/README.md: flat from 1k to 8k on 2 cores)
 # Files of a hub model the embedder never reads: other runtimes' exports of the same weights.
 HUB_IGNORE = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "flax_model*", "tf_model*", "rust_model*"]
@@ -54,16 +50,18 @@ class Embedder:
     compiled: Any = None  # openvino.CompiledModel of the exported transformer, backend openvino
     truncated: int = 0  # inputs so far that were over max_tokens and embedded from their first max_tokens only
     limit: int = field(init=False)  # tokens per input, special tokens included
-    requests: queue.Queue = field(init=False, repr=False)  # OpenVINO infer requests, each used by one thread at a time
+    request: Any = field(init=False, default=None, repr=False)  # the one OpenVINO infer request, made at load
+    lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)  # one thread infers at a time
 
     def __post_init__(self) -> None:
         self.limit = self.max_tokens + _special_tokens(self.tokenizer)
         # Made once and reused: creating and dropping a request per call from several threads (the retriever's)
         # deadlocks OpenVINO's Python bindings (2026.4: a request's destructor waits, holding the GIL, for a
-        # thread that needs it); a replica froze mid-query that way. A thread without a free request waits.
-        self.requests = queue.Queue()
-        for _ in range(REQUESTS if self.compiled is not None else 0):
-            self.requests.put(self.compiled.create_infer_request())
+        # thread that needs it); a replica froze mid-query that way. One request, taken in turns: with a pool of 4
+        # used from the retriever's threads at once, a fresh Retriever replica still froze on its first queries under
+        # load (CI S8, 2026-12-07); a query embeds in milliseconds.
+        if self.compiled is not None:
+            self.request = self.compiled.create_infer_request()
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Unit vectors, one per text. A text over `max_tokens` is embedded from its start (as sentence-transformers
@@ -85,11 +83,8 @@ class Embedder:
         return vectors.tolist()
 
     def _embed_openvino(self, ids: list[list[int]]) -> Any:
-        request = self.requests.get()
-        try:
-            return self._infer(request, ids)
-        finally:
-            self.requests.put(request)
+        with self.lock:
+            return self._infer(self.request, ids)
 
     def _infer(self, request: Any, ids: list[list[int]]) -> Any:
         import numpy as np
