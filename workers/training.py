@@ -3,6 +3,7 @@ stale build locks, the DeepSpeed config and learning-rate schedule, the data ord
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -112,10 +113,10 @@ def export_model(engine: Any, io: Any, rank: int, spec: dict[str, Any], metrics:
     import deepspeed
 
     module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
-    else:
+    # ZeRO-3 shards every parameter across ranks: gather them (on every rank) before rank 0 copies the state.
+    gathered = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+                if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
+    with gathered:
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
     if rank != 0:
         io.report(metrics)

@@ -5,6 +5,8 @@ import itertools
 import json
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,10 +31,19 @@ class Load:
     latencies: list[tuple[float, float]] = field(default_factory=list)
     readyz: list[int] = field(default_factory=list)
     swaps_started: float = 0.0
+    stacks: str = ""
+    dumping: threading.Lock = field(default_factory=threading.Lock)
+
+    def dump_stacks_once(self) -> None:
+        """At the first failed request, every Ray worker's Python stack (`ray stack`, py-spy): S8 has failed as a
+        fresh replica that answered nothing, and the processes are gone by the time anyone looks."""
+        if self.dumping.acquire(blocking=False):
+            self.stacks = f"\nRay workers' stacks at the first failure (py-spy):\n{ray_worker_stacks()[-40000:]}"
 
     def assert_nothing_dropped(self, releases: set[str]) -> None:
-        assert not self.failures, self.failures[:5]
-        assert all(status == 200 for _, status, _ in self.results), [r for r in self.results if r[1] != 200][:5]
+        assert not self.failures, f"{self.failures[:5]}{self.stacks}"
+        refused = [r for r in self.results if r[1] != 200]
+        assert not refused, f"{refused[:5]}{self.stacks}"
         assert {release for _, _, release in self.results} == releases
         assert len(self.results) > 20
         assert self.readyz and set(self.readyz) == {200}, sorted(set(self.readyz))
@@ -46,6 +57,20 @@ class Load:
         return (f"{len(self.results)} requests ({streams} openai streams): 0 failed, /readyz 200 x{len(self.readyz)}; "
                 f"query p99 {p99 * 1000:.0f} ms before the swaps, slowest during {max(during) * 1000:.0f} ms "
                 f"({stalls} of {len(during)} over 3x the p99)")
+
+
+def ray_worker_stacks() -> str:
+    """`py-spy dump` of every Ray worker and actor on this machine (what `ray stack` does, without its sudo)."""
+    import psutil
+
+    dumps = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("ray::") and not cmd.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")):
+            dump = subprocess.run([str(Path(sys.executable).with_name("py-spy")), "dump", "--pid", str(proc.pid)],
+                                  capture_output=True, text=True, timeout=60)
+            dumps.append(f"--- pid {proc.pid}: {cmd.strip()[:100]}\n{dump.stdout}{dump.stderr}")
+    return "\n".join(dumps)
 
 
 @contextlib.contextmanager
@@ -64,8 +89,11 @@ def under_load(url: str, queries: int = 3, streams: int = 1, stream_tokens: int 
                     resp = http.post(f"{url}/v1/query", json={"question": "When is shipping free?"}, headers=AUTH)
                     load.latencies.append((started, time.monotonic() - started))
                     load.results.append(("query", resp.status_code, resp.json().get("release_id", "")))
+                    if resp.status_code != 200:
+                        load.dump_stacks_once()
                 except Exception as exc:  # noqa: BLE001 - every failure is what this test counts
                     load.failures.append(repr(exc))
+                    load.dump_stacks_once()
 
     def readyz_loop() -> None:
         with httpx.Client(timeout=30) as http:
