@@ -362,6 +362,7 @@ class PrefectConfig(Section):
     refresh_cron: str | None = Field(None, description="schedule of the refresh deployment (re-embed, fine-tune, evaluate, promote)")
     timezone: str = Field("UTC", description="IANA time zone the cron schedules are read in")
     work_pool: str | None = Field(None, description="deploy to this work pool (e.g. a Kubernetes one); unset: `tunedex worker` serves them")
+    crash_after_s: int = Field(50, ge=40, description="mark a served run Crashed after this long without a heartbeat (one every 31 s)")
 
     @field_validator("reembed_cron", "refresh_cron")
     @classmethod

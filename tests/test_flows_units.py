@@ -89,3 +89,14 @@ def test_prefect_yaml_matches_the_flows_tunedex_schedules():
     assert spec["deployments"][0]["triggers"][0]["expect"] == [CORPUS_CHANGED]  # the re-embed on an event
     nightly = spec["deployments"][0]["schedules"][0]
     assert (nightly["cron"], nightly["timezone"]) == (TunedexConfig().prefect.reembed_cron, TunedexConfig().prefect.timezone)
+
+
+def test_the_crash_window_comes_from_the_config_and_outlasts_a_heartbeat():
+    from tunedex.flows.deploy import HEARTBEAT_SECONDS, crash_detection
+
+    cfg = TunedexConfig.model_validate({"prefect": {"crash_after_s": 93}})
+    automation = crash_detection(cfg.prefect.crash_after_s)
+    assert automation.trigger.within.total_seconds() == 93 and "93 s" in automation.actions[0].message
+    assert HEARTBEAT_SECONDS < TunedexConfig().prefect.crash_after_s < 2 * HEARTBEAT_SECONDS  # S11: within 2 beats
+    with pytest.raises(ValueError, match="crash_after_s"):
+        TunedexConfig.model_validate({"prefect": {"crash_after_s": HEARTBEAT_SECONDS}})

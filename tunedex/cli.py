@@ -455,7 +455,7 @@ def schedule(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     prefect_env(cfg)
     from tunedex.flows.deploy import apply_crash_detection, deployments
 
-    apply_crash_detection()
+    apply_crash_detection(cfg)
     for deployment in deployments(cfg, path, set_ or []):
         deployment.apply()
         when = ", ".join(f"{s.schedule.cron} ({s.schedule.timezone})" for s in deployment.schedules) or "on demand"

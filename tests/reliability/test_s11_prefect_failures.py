@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from reliability.prefect_stack import (  # noqa: F401 - prefect_api and reembed are fixtures
-    corpus_rows, drop_collection, flow_run_processes, index_figures, kill_tree, prefect_api, prefect_client,
+    PATIENCE, corpus_rows, drop_collection, flow_run_processes, index_figures, kill_tree, prefect_api, prefect_client,
     reembed, rows_in, stored_set, task_runs, trigger, tunedex_worker, wait_deployment, wait_state,
 )
 from tunedex.flows.deploy import CRASH_DETECTION, HEARTBEAT_SECONDS
@@ -40,15 +40,15 @@ def test_milvus_stopped_mid_write_is_retried_with_backoff_and_the_run_completes(
     with tunedex_worker(reembed, "worker-outage.log"):
         wait_deployment(api)
         run = trigger(api, parameters=reembed["params"]).id
-        wait_state(api, run, running_or_final, timeout=120)
-        deadline = time.monotonic() + 120
+        wait_state(api, run, running_or_final)
+        deadline = time.monotonic() + PATIENCE
         while (written := rows_in(cfg, name)) < 64:  # the middle of the write phase (~480 rows, 16 a batch)
-            assert time.monotonic() < deadline, "the flow wrote nothing within 120 s"
+            assert time.monotonic() < deadline, f"the flow wrote nothing within {PATIENCE} s"
             time.sleep(0.3)
         services.stop_milvus(cfg)
         time.sleep(5)
         services.start_milvus(cfg)
-        state, _ = wait_state(api, run, final, timeout=200)
+        state, _ = wait_state(api, run, final)
     assert state.is_completed(), state.message
     task = index_task_run(api, run)
     with prefect_client(api) as client:
@@ -77,7 +77,7 @@ def test_an_invalid_config_fails_after_one_attempt_naming_the_key(reembed, recor
     with tunedex_worker(reembed, "worker-bad-config.log"):
         wait_deployment(api)
         run = trigger(api, parameters={"config": str(bad), "overrides": []}).id
-        state, waited = wait_state(api, run, final, timeout=120)
+        state, waited = wait_state(api, run, final)
     assert state.is_failed(), state
     assert "chunking.chunk_sise" in state.message and "chunk_size" in state.message, state.message
     task = index_task_run(api, run)
@@ -97,16 +97,16 @@ def test_a_killed_run_is_marked_crashed_and_a_retrigger_redoes_no_finished_work(
     with tunedex_worker(reembed, "worker-zombie.log") as worker:
         wait_deployment(api)
         run = trigger(api, parameters=reembed["params"]).id
-        wait_state(api, run, running_or_final, timeout=120)
-        deadline = time.monotonic() + 120
+        wait_state(api, run, running_or_final)
+        deadline = time.monotonic() + PATIENCE
         while rows_in(cfg, name) < 200:  # about 40% written: the re-trigger has the rest to do, well under 4 min
-            assert time.monotonic() < deadline, "the flow wrote nothing within 120 s"
+            assert time.monotonic() < deadline, f"the flow wrote nothing within {PATIENCE} s"
             time.sleep(0.3)
         assert list(flow_run_processes(worker.pid).values()) == [str(run)]
         kill_tree(worker.pid)  # the worker dies with it (a lost machine): only the missing heartbeats tell
         killed_at = time.monotonic()
     written = rows_in(cfg, name)
-    state, _ = wait_state(api, run, final, timeout=150, every=1)
+    state, _ = wait_state(api, run, final, every=1)
     crashed_s = time.monotonic() - killed_at
     with temporary_settings({PREFECT_API_URL: api}):
         automation = Automation.read(name=CRASH_DETECTION)
@@ -115,9 +115,9 @@ def test_a_killed_run_is_marked_crashed_and_a_retrigger_redoes_no_finished_work(
     expected = corpus_rows(reembed)
     with tunedex_worker(reembed, "worker-retrigger.log"):
         again = trigger(api, parameters=reembed["params"]).id
-        again_state, _ = wait_state(api, again, final, timeout=180)
+        again_state, _ = wait_state(api, again, final)
         noop = trigger(api, parameters=reembed["params"]).id
-        noop_state, _ = wait_state(api, noop, final, timeout=120)
+        noop_state, _ = wait_state(api, noop, final)
     assert again_state.is_completed() and noop_state.is_completed()
     figures = {r: index_figures(api, r) for r in (run, again, noop)}
     assert figures[run] is None and figures[again] and figures[noop]  # an artifact for every run that ended
@@ -140,14 +140,14 @@ def test_a_killed_run_under_a_live_worker_is_crashed_by_the_worker(reembed, reco
     with tunedex_worker(reembed, "worker-child-killed.log") as worker:
         wait_deployment(api)
         run = trigger(api, parameters=reembed["params"]).id
-        wait_state(api, run, running_or_final, timeout=120, every=0.2)
-        deadline = time.monotonic() + 120
+        wait_state(api, run, running_or_final, every=0.2)
+        deadline = time.monotonic() + PATIENCE
         while rows_in(cfg, name) < 16:  # writing: the rest takes far longer than the kill
-            assert time.monotonic() < deadline, "the flow wrote nothing within 120 s"
+            assert time.monotonic() < deadline, f"the flow wrote nothing within {PATIENCE} s"
             time.sleep(0.2)
         (pid,) = [p for p, r in flow_run_processes(worker.pid).items() if r == str(run)]
         services.psutil.Process(pid).send_signal(signal.SIGKILL)
-        state, crashed_s = wait_state(api, run, final, timeout=60)
+        state, crashed_s = wait_state(api, run, final)
         assert worker.poll() is None
     assert state.is_crashed(), state
     assert index_figures(api, run) is None
