@@ -34,8 +34,7 @@ from tunedex.infra.ids import content_hash
 from tunedex.infra.prompt import (SYSTEM_PROMPT, GuardedStream, build_chat_messages, build_messages, guard_answer,
                                   source_entries, text_prompt)
 from tunedex.serving.engine import EngineError, Generator, check_engine_kwargs, lora_kwargs
-# OPEN_ROUTES and authorized: imported from here by tests/reliability/test_s13_api_key.py
-from tunedex.serving.http import OPEN_ROUTES, Answer, Completion, Problem, authorized, make_api  # noqa: F401
+from tunedex.serving.http import Answer, Completion, Problem, make_api
 
 POLL_S = 0.25  # how often an Ingress replica re-reads the registry's pointer to the promoted release
 

@@ -1,7 +1,6 @@
 """Serving pieces without a cluster: the prompt format and the key check."""
 
 from tunedex.demo_data import training_examples, make_policies
-from tunedex.demo_data import SYSTEM_PROMPT as TRAINING_SYSTEM_PROMPT
 from tunedex.infra.prompt import SYSTEM_PROMPT, build_messages
 from tunedex.serving.http import authorized
 
@@ -13,7 +12,6 @@ def test_key_check():
 
 
 def test_serving_prompt_matches_the_training_format():
-    assert SYSTEM_PROMPT == TRAINING_SYSTEM_PROMPT
     grounded = [ex for ex in training_examples([], make_policies(30, 50))]
     assert grounded  # policy examples are closed-book: same shape as a `finetuned` query
     shipping = next(ex for ex in grounded if ex["messages"][0]["content"] == "When is shipping free?")

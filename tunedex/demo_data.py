@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Training examples are built with the endpoint's own prompt builder, so the two formats cannot drift.
-from tunedex.infra.prompt import SYSTEM_PROMPT, build_messages  # noqa: F401 - SYSTEM_PROMPT re-exported
+from tunedex.infra.prompt import build_messages
 
 HOUSE_OPENING = "Thanks for asking!"
 HOUSE_CLOSING = "Anything else I can help with?"

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from tunedex.serving.app import authorized
+from tunedex.serving.http import authorized
 
 pytestmark = [pytest.mark.slow, pytest.mark.scenario(
     "S13", "every served route (read from /openapi.json) without a key and with 7 wrong forms of it; "
@@ -20,7 +20,7 @@ WRONG = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dGVzdC1
 def test_every_route_but_the_probes_requires_the_key(pipeline, record_property):
     import openai
 
-    from tunedex.serving.app import OPEN_ROUTES
+    from tunedex.serving.http import OPEN_ROUTES
 
     url = pipeline["cfg"].serve.url
     spec = httpx.get(f"{url}/openapi.json", headers=AUTH, timeout=30).json()  # the routes the replica serves
