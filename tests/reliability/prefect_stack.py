@@ -82,11 +82,15 @@ def prefect_client(api: str):
 @pytest.fixture(scope="module")
 def reembed(request, prefect_api, tmp_path_factory):
     """A corpus of the module's `CORPUS_DOCS` documents (200: ~490 chunks, 35-150 s to embed on 2 busy cores),
-    its own Milvus Lite server (a test may stop it) and a config pointing the flows at the module's Prefect server."""
+    its own Milvus Lite server (a test may stop it) and a config pointing the flows at the module's Prefect server.
+    Its crash window is Prefect's documented 3 heartbeats, not tunedex's 50 s: on a busy machine a live run's
+    heartbeat came 19 s late and the run was marked Crashed (S11's outage run, 2026-12-07), and these runs are
+    not about crash detection; S11's zombie test runs its worker on the default."""
     root = tmp_path_factory.mktemp("reembed")
     corpus = root / "corpus"
     write_corpus(corpus, random.Random(10), getattr(request.module, "CORPUS_DOCS", 200))
-    path = write_config(root, "nightly", corpus={"path": str(corpus)}, prefect={"api_url": prefect_api})
+    path = write_config(root, "nightly", corpus={"path": str(corpus)},
+                        prefect={"api_url": prefect_api, "crash_after_s": 93})
     with milvus_server(path) as cfg:
         yield {"path": path, "cfg": cfg, "corpus": corpus, "api": prefect_api, "cwd": root,
                "collection": collection(cfg), "params": {"config": str(path.resolve()), "overrides": []}}
@@ -115,13 +119,14 @@ def corpus_rows(setup: dict) -> set[tuple[str, str, str]]:
 
 
 @contextmanager
-def tunedex_worker(setup: dict, log_name: str = "worker.log") -> Iterator[subprocess.Popen]:
-    """`tunedex worker -c CONFIG` in its own session; stopped with SIGTERM at the end if still alive. It polls
-    for runs every 2 s (Prefect's default is 10 s, as long as a first re-embed run here: a run triggered
+def tunedex_worker(setup: dict, log_name: str = "worker.log", *sets: str) -> Iterator[subprocess.Popen]:
+    """`tunedex worker -c CONFIG [--set K=V ...]` in its own session; stopped with SIGTERM at the end if still
+    alive. It polls for runs every 2 s (Prefect's default is 10 s, as long as a first re-embed run here: a run triggered
     to overlap it could otherwise be picked up only after it ended)."""
     log = open(setup["cwd"] / log_name, "ab")
-    proc = subprocess.Popen([str(BIN / "tunedex"), "worker", "-c", str(setup["path"])], cwd=setup["cwd"], stdout=log,
-                            stderr=subprocess.STDOUT,
+    sets_args = [arg for kv in sets for arg in ("--set", kv)]
+    proc = subprocess.Popen([str(BIN / "tunedex"), "worker", "-c", str(setup["path"]), *sets_args], cwd=setup["cwd"],
+                            stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
                             start_new_session=True)
     try:

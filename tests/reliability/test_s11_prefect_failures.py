@@ -16,6 +16,7 @@ from reliability.prefect_stack import (  # noqa: F401 - prefect_api and reembed 
 )
 from tunedex.flows.deploy import CRASH_DETECTION, HEARTBEAT_SECONDS
 from tunedex.infra import services
+from tunedex.infra.config import TunedexConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.scenario(
     "S11", "Milvus Lite server stopped 5 s mid-write; a config with a misspelt key; the flow-run process "
@@ -94,7 +95,8 @@ def test_a_killed_run_is_marked_crashed_and_a_retrigger_redoes_no_finished_work(
 
     api, cfg, name = reembed["api"], reembed["cfg"], reembed["collection"]
     drop_collection(cfg, name)  # so the run has writing to do when it is killed
-    with tunedex_worker(reembed, "worker-zombie.log") as worker:
+    default_window = TunedexConfig().prefect.crash_after_s  # the module's config widens it; this test is about it
+    with tunedex_worker(reembed, "worker-zombie.log", f"prefect.crash_after_s={default_window}") as worker:
         wait_deployment(api)
         run = trigger(api, parameters=reembed["params"]).id
         wait_state(api, run, running_or_final)
