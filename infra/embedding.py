@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import sys
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -83,10 +83,6 @@ class Embedder:
         return vectors.tolist()
 
     def _embed_openvino(self, ids: list[list[int]]) -> Any:
-        with self.lock:
-            return self._infer(self.request, ids)
-
-    def _infer(self, request: Any, ids: list[list[int]]) -> Any:
         import numpy as np
 
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
@@ -99,7 +95,8 @@ class Embedder:
             for i, r in enumerate(rows):
                 input_ids[i, : len(ids[r])] = ids[r]
                 mask[i, : len(ids[r])] = 1
-            hidden = request.infer({"input_ids": input_ids, "attention_mask": mask})[0]
+            with self.lock:  # the one infer request: threads take turns
+                hidden = self.request.infer({"input_ids": input_ids, "attention_mask": mask})[0]
             pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)  # mean pooling, as the model's Pooling
             out[rows] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return out

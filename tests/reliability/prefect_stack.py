@@ -256,6 +256,15 @@ def task_runs(api: str, run_id) -> list[Any]:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
 
 
+def wait_rows(cfg, name: str, at_least: int, every: float = 0.3) -> int:
+    """Poll the collection until it holds `at_least` rows (the flow is writing); returns the count seen."""
+    deadline = time.monotonic() + PATIENCE
+    while (written := rows_in(cfg, name)) < at_least:
+        assert time.monotonic() < deadline, f"the flow wrote fewer than {at_least} rows within {PATIENCE} s"
+        time.sleep(every)
+    return written
+
+
 def rows_in(cfg, name: str) -> int:
     client = store.connect(cfg.milvus)
     try:

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from reliability.prefect_stack import (  # noqa: F401 - prefect_api and reembed are fixtures
-    PATIENCE, corpus_rows, drop_collection, flow_run_processes, index_figures, kill_tree, prefect_api, prefect_client,
-    reembed, rows_in, stored_set, task_runs, trigger, tunedex_worker, wait_deployment, wait_state,
+    corpus_rows, drop_collection, flow_run_processes, index_figures, kill_tree, prefect_api, prefect_client,
+    reembed, rows_in, stored_set, task_runs, trigger, tunedex_worker, wait_deployment, wait_rows, wait_state,
 )
 from tunedex.flows.deploy import CRASH_DETECTION, HEARTBEAT_SECONDS
 from tunedex.infra import services
@@ -42,10 +42,7 @@ def test_milvus_stopped_mid_write_is_retried_with_backoff_and_the_run_completes(
         wait_deployment(api)
         run = trigger(api, parameters=reembed["params"]).id
         wait_state(api, run, running_or_final)
-        deadline = time.monotonic() + PATIENCE
-        while (written := rows_in(cfg, name)) < 64:  # the middle of the write phase (~480 rows, 16 a batch)
-            assert time.monotonic() < deadline, f"the flow wrote nothing within {PATIENCE} s"
-            time.sleep(0.3)
+        written = wait_rows(cfg, name, 64)  # the middle of the write phase (~480 rows, 16 a batch)
         services.stop_milvus(cfg)
         time.sleep(5)
         services.start_milvus(cfg)
@@ -100,10 +97,7 @@ def test_a_killed_run_is_marked_crashed_and_a_retrigger_redoes_no_finished_work(
         wait_deployment(api)
         run = trigger(api, parameters=reembed["params"]).id
         wait_state(api, run, running_or_final)
-        deadline = time.monotonic() + PATIENCE
-        while rows_in(cfg, name) < 200:  # about 40% written: the re-trigger has the rest to do, well under 4 min
-            assert time.monotonic() < deadline, f"the flow wrote nothing within {PATIENCE} s"
-            time.sleep(0.3)
+        wait_rows(cfg, name, 200)  # about 40% written: the re-trigger has the rest to do, well under 4 min
         assert list(flow_run_processes(worker.pid).values()) == [str(run)]
         kill_tree(worker.pid)  # the worker dies with it (a lost machine): only the missing heartbeats tell
         killed_at = time.monotonic()
@@ -143,10 +137,7 @@ def test_a_killed_run_under_a_live_worker_is_crashed_by_the_worker(reembed, reco
         wait_deployment(api)
         run = trigger(api, parameters=reembed["params"]).id
         wait_state(api, run, running_or_final, every=0.2)
-        deadline = time.monotonic() + PATIENCE
-        while rows_in(cfg, name) < 16:  # writing: the rest takes far longer than the kill
-            assert time.monotonic() < deadline, f"the flow wrote nothing within {PATIENCE} s"
-            time.sleep(0.2)
+        wait_rows(cfg, name, 16, every=0.2)  # writing: the rest takes far longer than the kill
         (pid,) = [p for p, r in flow_run_processes(worker.pid).items() if r == str(run)]
         services.psutil.Process(pid).send_signal(signal.SIGKILL)
         state, crashed_s = wait_state(api, run, final)
