@@ -199,6 +199,9 @@ class TinyModelConfig(Section):
     n_embd: int = Field(128, ge=8)
     n_head: int = Field(4, ge=1)
     vocab_size: int = Field(4000, ge=300, description="size of the BPE tokenizer trained locally")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description=(
+        "dropout (GPT-2: embeddings, attention, residuals; Llama: attention); None keeps the architecture's "
+        "default (GPT-2 0.1, Llama 0)"))
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "TinyModelConfig":

@@ -98,6 +98,16 @@ def test_packed_and_unpacked_batches_give_the_same_per_token_loss(tok):
     assert torch.allclose(a, b, atol=1e-5), (a.item(), b.item())
 
 
+def test_tiny_dropout_is_the_architectures_default_unless_set(tok):
+    def config(**tiny):
+        return bm.build_model(bm.model_spec(FinetuneConfig(tiny={"n_embd": 32, "n_head": 2, **tiny}), tok)).config
+
+    assert (config().resid_pdrop, config().attn_pdrop, config().embd_pdrop) == (0.1, 0.1, 0.1)  # GPT-2's
+    assert (config(dropout=0).resid_pdrop, config(dropout=0).attn_pdrop, config(dropout=0).embd_pdrop) == (0, 0, 0)
+    assert config(architecture="llama").attention_dropout == 0.0  # Llama's
+    assert config(architecture="llama", dropout=0.2).attention_dropout == 0.2
+
+
 def test_collate_masks_padding_out_of_the_loss_and_attention():
     seqs = [sft_data.PackedSequence([5, 6, 7], [-100, 6, 7], [0, 0, 1], [0, 1, 0]),
             sft_data.PackedSequence([8], [-100], [0], [0])]

@@ -104,10 +104,14 @@ def model_spec(ft: FinetuneConfig, tokenizer: Any) -> dict[str, Any]:
     if t.architecture == "gpt2":
         arch = {"gpt2": {**common, "n_layer": t.n_layer, "n_embd": t.n_embd, "n_head": t.n_head,
                          "n_positions": ft.max_length}}
+        if t.dropout is not None:
+            arch["gpt2"].update(embd_pdrop=t.dropout, attn_pdrop=t.dropout, resid_pdrop=t.dropout)
     else:
         arch = {"llama": {**common, "num_hidden_layers": t.n_layer, "hidden_size": t.n_embd,
                           "num_attention_heads": t.n_head, "intermediate_size": 4 * t.n_embd,
                           "max_position_embeddings": ft.max_length}}
+        if t.dropout is not None:
+            arch["llama"]["attention_dropout"] = t.dropout
     return {**arch, "lora": lora, "seed": ft.seed}
 
 

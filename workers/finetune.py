@@ -215,7 +215,9 @@ def main(cfg: TunedexConfig, run_name: str | None = None) -> FinetuneResult:
             name=run_name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=ft.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft.save_total_limit),
-            worker_runtime_env={"env_vars": {} if ft.ray.use_gpu else {"DS_ACCELERATOR": "cpu"}},
+            # Train's print patch sends each print to stdout and to its logger (stderr): every progress line twice
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                             **({} if ft.ray.use_gpu else {"DS_ACCELERATOR": "cpu"})}},
         ),
     )
     started = time.monotonic()

@@ -118,12 +118,13 @@ def export_model(engine: Any, io: Any, rank: int, spec: dict[str, Any], metrics:
                 if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
     with gathered:
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+    summary = {"step": metrics["steps"], "loss": metrics["losses"][-1]}  # what Ray Train logs; the rest is metrics.json
     if rank != 0:
-        io.report(metrics)
+        io.report(summary)
         return
     model = build_model(spec)
     model.load_state_dict(state)
     with tempfile.TemporaryDirectory() as tmp:
         save_model(model, spec, Path(tmp))
         Path(tmp, "metrics.json").write_text(json.dumps(metrics))
-        io.report(metrics, tmp)
+        io.report(summary, tmp)
