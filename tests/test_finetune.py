@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 # Recorded on the 2-core CI machine kind (tiny GPT-2, demo data, seed 0, 30 steps): ZeRO-2 and ZeRO-3
 # land on the same numbers. A silent change in data, masking or optimisation moves them out of the band.
-RECORDED = {"final_loss": 2.190, "eval_loss": 2.099}  # re-recorded 2026-12-07 from CI (both stages): demo facts
-# with one retrieved chunk per grounded example and the three policies 8x a product's share
+RECORDED = {"final_loss": 1.971, "eval_loss": 2.015}  # re-recorded 2026-12-07 (both stages) when the demo config
+# (which the tests' config starts from) turned dropout off; before: 2.190 / 2.099 with GPT-2's 0.1
 BAND = 0.1
 
 

@@ -118,7 +118,8 @@ def export_model(engine: Any, io: Any, rank: int, spec: dict[str, Any], metrics:
                 if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
     with gathered:
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
-    summary = {"step": metrics["steps"], "loss": metrics["losses"][-1]}  # what Ray Train logs; the rest is metrics.json
+    # what Ray Train logs (a checkpoint's metrics carry "step"; the export's "steps"); the rest is metrics.json
+    summary = {"steps": metrics["steps"], "final_loss": metrics["losses"][-1]}
     if rank != 0:
         io.report(summary)
         return
