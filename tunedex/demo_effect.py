@@ -25,7 +25,8 @@ from tunedex.infra.config import TunedexConfig, load_config
 BASE = ["finetune.completion_only_loss=true", "finetune.packing=true", "finetune.max_length=512",
         "finetune.per_device_train_batch_size=4", "finetune.learning_rate=3e-3", "finetune.warmup_steps=20",
         "finetune.max_steps=600", "finetune.logging_steps=100", "finetune.eval_steps=600",
-        "finetune.save_steps=300", "finetune.eval_ratio=0.02", "finetune.ray.run_name=effect-base"]
+        "finetune.save_steps=300", "finetune.eval_ratio=0.02", "finetune.ray.run_name=effect-base",
+        "finetune.tiny.dropout=0.1"]  # GPT-2's, as measured in the README (the demo's own recipe has none)
 # The day-1 fine-tune: the answers only (the house style and the facts), from the base's weights.
 FINETUNE = ["finetune.completion_only_loss=true", "finetune.packing=true", "finetune.max_length=512",
             "finetune.per_device_train_batch_size=4", "finetune.learning_rate=2e-3", "finetune.warmup_steps=20",
