@@ -102,8 +102,12 @@ def test_tiny_dropout_is_the_architectures_default_unless_set(tok):
     def config(**tiny):
         return bm.build_model(bm.model_spec(FinetuneConfig(tiny={"n_embd": 32, "n_head": 2, **tiny}), tok)).config
 
-    assert (config().resid_pdrop, config().attn_pdrop, config().embd_pdrop) == (0.1, 0.1, 0.1)  # GPT-2's
-    assert (config(dropout=0).resid_pdrop, config(dropout=0).attn_pdrop, config(dropout=0).embd_pdrop) == (0, 0, 0)
+    def gpt2_dropouts(**tiny):
+        c = config(**tiny)
+        return c.resid_pdrop, c.attn_pdrop, c.embd_pdrop
+
+    assert gpt2_dropouts() == (0.1, 0.1, 0.1)  # GPT-2's
+    assert gpt2_dropouts(dropout=0) == (0, 0, 0)
     assert config(architecture="llama").attention_dropout == 0.0  # Llama's
     assert config(architecture="llama", dropout=0.2).attention_dropout == 0.2
 
