@@ -1,11 +1,12 @@
 """Edit-local chunks on a real corpus: one edited sentence re-embeds about one chunk; no-op and 1% runs from the CLI.
 
     python bench/index_edit.py       # ~8 MB of docs from site-packages; ~5 min on 2 cores; writes bench/results/index_edit.json
+    python bench/index_edit.py --max-mb 16   # more of the machine's manuals (~25 MB in all); ~10 min
 
 Targets (issue 16): chunks embedded / docs edited <= 1.5 after one sentence is edited in 1% of the docs;
 `tunedex index` wall time, no-op / full <= 0.5% and 1% edited / full <= 1.5%.
-The corpus is the .md/.rst/.txt documentation shipped in the venv's site-packages and /usr/share/doc
-(licences and word lists left out), copied into a temp dir; `tunedex up` runs on free ports there.
+The corpus is the .md/.rst/.txt documentation shipped in the venv's site-packages and /usr/share/doc, then in
+the base Python, /usr/share and /usr/lib (licences and word lists left out), copied into a temp dir; `tunedex up` runs on free ports there.
 """
 
 from __future__ import annotations
@@ -26,22 +27,42 @@ from tunedex.infra.services import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP = re.compile(r"licen[cs]e|copying|entry_points|top_level|requirements|record|vocab|merges|authors", re.I)
+SKIP_DIR = re.compile(r"/(legal|package-lists|timezonesets|unicore|Unicode)(/|$)")  # legal texts, lists, tables
+
+
+def doc_sources() -> list[Path]:
+    """Documentation files (2-200 kB) under the venv, /usr/share/doc, then the base Python, /usr/share and /usr/lib.
+
+    Each root is sorted on its own, so a smaller --max-mb takes the same first files (the first two roots hold ~8 MB
+    on this machine kind; all of them ~25 MB: vim's, CMake's, npm's and gsutil's manuals, packages' READMEs).
+    """
+    roots = (Path(sys.prefix), Path("/usr/share/doc"), Path(sys.base_prefix), Path("/usr/share"), Path("/usr/lib"))
+    seen: set[Path] = set()
+    sources = []
+    for root in roots:
+        found = sorted(p for ext in ("md", "rst", "txt") for p in root.rglob(f"*.{ext}")
+                       if p.is_file() and not SKIP.search(p.name) and not SKIP_DIR.search(str(p.parent))
+                       and 2_000 <= p.stat().st_size <= 200_000)
+        sources += [p for p in found if p.resolve() not in seen]
+        seen.update(p.resolve() for p in found)
+    return sources
 
 
 def copy_corpus(dest: Path, max_bytes: int) -> int:
-    """Copy documentation files (2-200 kB, UTF-8 prose) into `dest` as .txt; return the bytes copied."""
-    sources = sorted(p for base in (Path(sys.prefix), Path("/usr/share/doc")) for ext in ("md", "rst", "txt")
-                     for p in base.rglob(f"*.{ext}") if p.is_file() and not SKIP.search(p.name)
-                     and 2_000 <= p.stat().st_size <= 200_000)
+    """Copy UTF-8 documentation into `dest` as .txt, each text once, up to `max_bytes`; return the bytes copied."""
     total = 0
-    for i, path in enumerate(sources):
+    texts: set[int] = set()
+    for i, path in enumerate(doc_sources()):
         try:
             text = path.read_text("utf-8")
         except (UnicodeDecodeError, OSError):
             continue
+        if hash(text) in texts:  # the same README vendored in two places
+            continue
         if total + len(text) > max_bytes:
             break
-        (dest / f"{i:04d}_{path.name}.txt").write_text(text)
+        texts.add(hash(text))
+        (dest / f"{i:05d}_{path.name}.txt").write_text(text)
         total += len(text.encode())
     return total
 
