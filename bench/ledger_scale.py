@@ -1,6 +1,7 @@
 """The ledger read at scale: memory and time of planning a `tunedex index` run over a large collection.
 
     .venv/bin/python bench/ledger_scale.py --rows 1000000     # builds the collection once (cached), then measures
+    .venv/bin/python bench/ledger_scale.py --rows 1000000 --skip-old --pages 5000,16384   # and the read per page size
 
 It starts the milvus-lite 2.5.1 server (from .venv-milvus, `make install`) on a free port over a cached data dir
 (bench/results/ledger_scale_<rows>/, ignored by git) and fills it, on the first run, with synthetic ledger rows
@@ -132,6 +133,18 @@ def measured(fn: Callable[[], Any]) -> dict[str, Any]:
     return {"seconds": round(seconds, 2), "peak_mb": round(peak / 2**20, 1), "result": out}
 
 
+def read_by_page(client, pages: list[int], reps: int) -> dict[int, list[float]]:
+    """Seconds to read the ledger per doc (`store.doc_states` over `iter_rows`) with each page size, arms alternating."""
+    times: dict[int, list[float]] = {p: [] for p in pages}
+    for _ in range(reps):
+        for page in pages:
+            t0 = time.perf_counter()
+            states = store.doc_states(store.iter_rows(client, NAME, ["doc_id", "doc_version", "doc_chunks"], batch=page))
+            times[page].append(round(time.perf_counter() - t0, 2))
+            assert sum(s.rows for s in states.values()) == store.count_rows(client, NAME)
+    return times
+
+
 def embed_rate(sample: int) -> float:
     """Chunks/s of the project's embedder (`embedding.backend: openvino`, the default) on chunk-sized texts."""
     from tunedex.infra.embedding import load_embedder
@@ -152,6 +165,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1000, help="rows per insert when filling")
     ap.add_argument("--sample", type=int, default=256, help="chunks embedded to measure throughput")
     ap.add_argument("--skip-old", action="store_true", help="measure the new read only")
+    ap.add_argument("--pages", default="", help="also time the read per query_iterator page size, e.g. 5000,16384")
     args = ap.parse_args()
     results = Path(__file__).parent / "results"
     data = results / f"ledger_scale_{args.rows}_{args.chunks_per_doc}"
@@ -173,6 +187,9 @@ def main() -> None:
         print(f"new, no-op: {out['new_noop']}", flush=True)
         out["new_1pct_changed"] = measured(lambda: new_plan(client, mix_docs))
         print(f"new, 1% changed 0.1% removed: {out['new_1pct_changed']}", flush=True)
+        if args.pages:
+            out["read_s_by_page"] = read_by_page(client, [int(p) for p in args.pages.split(",")], reps=2)
+            print(f"read by page size: {out['read_s_by_page']}", flush=True)
         if not args.skip_old:
             out["old"] = measured(lambda: old_ledger(client))
             print(f"old: {out['old']}", flush=True)
