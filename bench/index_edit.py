@@ -6,7 +6,8 @@
 Targets (issue 16): chunks embedded / docs edited <= 1.5 after one sentence is edited in 1% of the docs;
 `tunedex index` wall time, no-op / full <= 0.5% and 1% edited / full <= 1.5%.
 The corpus is the .md/.rst/.txt documentation shipped in the venv's site-packages and /usr/share/doc, then in
-the base Python, /usr/share and /usr/lib (licences and word lists left out), copied into a temp dir; `tunedex up` runs on free ports there.
+the base Python, /usr/share and /usr/lib (licences and word lists left out), copied into a temp dir; `tunedex up`
+runs on free ports there.
 """
 
 from __future__ import annotations

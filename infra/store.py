@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT = 65_535
 LEDGER_FIELDS = ["chunk_id", "doc_id", "doc_version", "doc_chunks"]
-LEDGER_PAGE = 16384  # rows per query_iterator page when reading the ledger: pymilvus's largest; 1M rows in half the time of 5,000 (bench/README.md)
+# rows per query_iterator page when reading the ledger: pymilvus's largest; 1M rows read in half the time of 5,000
+# (bench/README.md)
+LEDGER_PAGE = 16384
 
 
 class StoreUnavailable(TunedexError, RuntimeError):
@@ -155,9 +157,9 @@ def doc_states(rows: Iterable[dict[str, Any]]) -> dict[str, DocState]:
     return states
 
 
-def read_doc_states(client: MilvusClient, name: str) -> dict[str, DocState]:
+def read_doc_states(client: MilvusClient, name: str, page: int = LEDGER_PAGE) -> dict[str, DocState]:
     """The ledger, per document: streamed from the collection with `query_iterator`, chunk ids not kept."""
-    return doc_states(iter_rows(client, name, ["doc_id", "doc_version", "doc_chunks"], batch=LEDGER_PAGE))
+    return doc_states(iter_rows(client, name, ["doc_id", "doc_version", "doc_chunks"], batch=page))
 
 
 def chunks_by_doc(rows: Iterable[dict[str, Any]], doc_ids: Iterable[str]) -> dict[str, dict[str, tuple[str, int]]]:
