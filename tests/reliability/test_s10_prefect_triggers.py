@@ -8,7 +8,7 @@ import random
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.scenario(
     "S10", "run_deployment twice with one idempotency key, once more without while it runs; a cron registered "
            "twice; the worker SIGKILLed while a run holds the slot")]
 
+RUNNER_PREFETCH_S = 10  # prefect.runner.Runner's prefetch_seconds: `tunedex worker` takes a run this early
 CORPUS_DOCS = 200  # a first run long enough (~20 s) for an overlapping trigger to meet it, short enough for 4 min
 
 def final(state) -> bool:
@@ -121,10 +122,11 @@ def test_a_cron_registered_twice_runs_once_per_tick(reembed, record_property):
             per_tick = max(len(rs) for rs in ticks.values())
             outcome = sorted(r.state.type.value for r in ticks[first_tick])
             # tunedex schedule (the worker does the same at start) replaces the schedule list with the configured
-            # one; Prefect deletes the runs of the old schedules that are not due yet (`future_only`), while a run
-            # already due stays and is run (or cancelled by the limit) like any late run
-            replaced_at = datetime.now(timezone.utc)
+            # one; Prefect deletes the old schedules' runs still Scheduled for later (`future_only`), while a run
+            # already due, or taken by the worker ahead of its time (the runner's prefetch), stays and is run (or
+            # cancelled by the limit) like any late run
             run_cli("schedule", "-c", str(reembed["path"]), cwd=reembed["cwd"])
+            replaced_at = datetime.now(timezone.utc) + timedelta(seconds=RUNNER_PREFETCH_S)
             schedules = client.read_deployment(deployment.id).schedules
             deadline = time.monotonic() + 180
             while True:  # the runs due before the replacement end before the worker stops
