@@ -212,10 +212,26 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    stop_ephemeral_prefect()
     path = session.config.getoption("--scenario-table")
     if not path or not _SCENARIOS:
         return
     Path(path).write_text(scenario_table(list(_SCENARIOS.items())))
+
+
+def stop_ephemeral_prefect() -> None:
+    """Stop Prefect's ephemeral API, if a test started one in this process, while pytest is still running: its
+    atexit stop logged a traceback into a test's output that pytest had closed by then."""
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.server.api import server as prefect_server
+
+        for worker in (APILogWorker, EventsWorker):  # the flow runs' logs and events, sent before their API goes
+            worker.drain_all(timeout=5)
+        prefect_server.subprocess_server_logger.disabled = True  # its console handler holds a test's closed output
+        for server in list(prefect_server.SubprocessASGIServer._instances.values()):
+            server.stop()
 
 
 def scenario_table(entries: list[tuple[str, dict]]) -> str:
