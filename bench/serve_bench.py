@@ -5,7 +5,8 @@
     python bench/serve_bench.py --size small --arch llama       # a Llama of the same shape
 
 Targets (issue 15): requests/s at concurrency 16, generation only: vLLM (`TextEngine`) / Hugging Face `generate`
-on the same 16 prompts in one left-padded batch (the best case of the former `@serve.batch` engine) >= 3x;
+on the same 16 prompts in one left-padded batch (the best case of the former `@serve.batch` engine) >= 3x,
+beside the most any engine could reach here (`matmul_floor`: the weight matmuls alone, ÷ HF);
 our endpoint (`/v1/query`, mode finetuned) / `vllm.LLM.generate` in-process on the same prompts >= 0.8;
 time to first token p50 at concurrency 1 and 16; hybrid latency / generation-only latency with the same model
 and prompt <= 1.10x; p50/p95/p99 under a bounded load and during a release swap.
@@ -129,6 +130,27 @@ def hf_batch(model: Path, prompts: list[list[int]], new_tokens: int, reps: int) 
     return len(prompts) * reps / (time.perf_counter() - started)
 
 
+def matmul_floor(model: Path, rows: int, new_tokens: int, steps: int = 30) -> float:
+    """Requests/s that no engine can beat with this machine's matmuls: `new_tokens` decode steps of `rows`
+    sequences at once, each step only the model's weight matrices times the step's `rows` hidden states (the
+    best of `steps`). Attention, prefill, sampling and everything else are left out, so the bound is generous."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    lm = AutoModelForCausalLM.from_pretrained(model).eval()
+    weights = {m.weight.data_ptr(): m.weight.detach() for m in lm.modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    inputs = [(torch.randn(rows, w.shape[1]), w) for w in weights.values()]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(steps):
+            started = time.perf_counter()
+            for x, w in inputs:
+                x @ w.T
+            best = min(best, time.perf_counter() - started)
+    return rows / (new_tokens * best)
+
+
 def vllm_concurrent(model: Path, prompts: list[list[int]], new_tokens: int, reps: int) -> float:
     """Requests/s of our engine (`TextEngine`'s vLLM engine) with all prompts in flight at once."""
     from vllm import SamplingParams
@@ -180,8 +202,10 @@ def phase_engine(model: Path, questions: list[str], new_tokens: int, reps: int) 
     prompts = rendered_prompts(model, questions[:16])
     hf = hf_batch(model, prompts, new_tokens, reps)
     vllm = vllm_concurrent(model, prompts, new_tokens, reps)
+    floor = matmul_floor(model, len(prompts), new_tokens)
     return {"prompts": len(prompts), "new_tokens": new_tokens, "hf_batch_req_per_s": round(hf, 2),
-            "vllm_req_per_s": round(vllm, 2), "throughput_ratio": round(vllm / hf, 2)}
+            "vllm_req_per_s": round(vllm, 2), "throughput_ratio": round(vllm / hf, 2),
+            "matmul_floor_req_per_s": round(floor, 2), "floor_ratio": round(floor / hf, 2)}
 
 
 def phase_endpoint(cfg, questions: list[str], offline: dict, reps: int) -> dict:
