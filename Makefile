@@ -74,7 +74,7 @@ define pytest
 	if [ $$rc -eq 5 ]; then echo "make $@: pytest collected no tests (exit 5)"; exit 1; fi; exit $$rc
 endef
 
-# `make test` runs the unit and end-to-end tests (~22 min on 2 cores); `make reliability` the scenarios and
+# `make test` runs the unit and end-to-end tests (~15 min on 2 cores); `make reliability` the scenarios and
 # `make test-effect` the demo-effect run. CI (.ci/run) passes TEST_MARKS="not soak and not effect": make test's
 # tests and the scenarios but the soak runs, in one session.
 TEST_MARKS ?= not scenario and not effect
