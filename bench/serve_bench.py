@@ -6,7 +6,7 @@
 
 Targets (issue 15): requests/s at concurrency 16, generation only: vLLM (`TextEngine`) / Hugging Face `generate`
 on the same 16 prompts in one left-padded batch (the best case of the former `@serve.batch` engine) >= 3x,
-beside the most any engine could reach here (`matmul_floor`: the weight matmuls alone, ÷ HF);
+beside the most any engine could reach here (`matmul_floor`: the weight matmuls alone on vLLM's GEMM, ÷ HF);
 our endpoint (`/v1/query`, mode finetuned) / `vllm.LLM.generate` in-process on the same prompts >= 0.8;
 time to first token p50 at concurrency 1 and 16; hybrid latency / generation-only latency with the same model
 and prompt <= 1.10x; p50/p95/p99 under a bounded load and during a release swap.
@@ -111,12 +111,12 @@ def rendered_prompts(model: Path, questions: list[str]) -> list[list[int]]:
     return [tok(render(tok, build_messages(q, [])), add_special_tokens=False)["input_ids"] for q in questions]
 
 
-def hf_batch(model: Path, prompts: list[list[int]], new_tokens: int, reps: int) -> float:
+def hf_batch(model: Path, prompts: list[list[int]], new_tokens: int, reps: int, dtype: str) -> float:
     """Requests/s of Hugging Face `generate` on all prompts in one left-padded batch, `new_tokens` each."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(model).eval()
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -130,28 +130,40 @@ def hf_batch(model: Path, prompts: list[list[int]], new_tokens: int, reps: int) 
     return len(prompts) * reps / (time.perf_counter() - started)
 
 
-def matmul_floor(model: Path, rows: int, new_tokens: int, steps: int = 30) -> float:
-    """Requests/s that no engine can beat with this machine's matmuls: `new_tokens` decode steps of `rows`
-    sequences at once, each step only the model's weight matrices times the step's `rows` hidden states (the
-    best of `steps`). Attention, prefill, sampling and everything else are left out, so the bound is generous."""
+def matmul_floor(model: Path, prompts: list[list[int]], new_tokens: int, dtype: str, steps: int = 20) -> float:
+    """Requests/s no engine reaches with this machine's fastest GEMM (oneDNN on weights packed once, as
+    vLLM's CPU build calls it): the prefill (every weight matrix times all prompt tokens at once, the output
+    layer times one per prompt) and `new_tokens - 1` decode steps (every weight times one row per prompt), each
+    the best of its tries. Attention, norms, activations and sampling are left out, so the bound is generous."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
+    from vllm import _custom_ops as ops
 
-    lm = AutoModelForCausalLM.from_pretrained(model).eval()
-    weights = {m.weight.data_ptr(): m.weight.detach() for m in lm.modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
-    inputs = [(torch.randn(rows, w.shape[1]), w) for w in weights.values()]
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(steps):
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+    head = lm.get_output_embeddings().weight
+    weights = {m.weight.data_ptr(): m.weight.detach().T.contiguous() if isinstance(m, Conv1D) else m.weight.detach()
+               for m in lm.modules() if isinstance(m, (torch.nn.Linear, Conv1D))}  # (out, in) as in vLLM; tied: once
+    gemms = {ptr: (w.shape[1], ops.create_onednn_mm(w.t(), 32)) for ptr, w in weights.items()}
+
+    def best(rows_of: dict[int, int], tries: int) -> float:
+        calls = [(torch.randn(rows_of.get(ptr, rows_of[0]), k, dtype=head.dtype), gemm)
+                 for ptr, (k, gemm) in gemms.items()]
+        fastest = float("inf")
+        for _ in range(tries):
             started = time.perf_counter()
-            for x, w in inputs:
-                x @ w.T
-            best = min(best, time.perf_counter() - started)
-    return rows / (new_tokens * best)
+            for x, gemm in calls:
+                ops.onednn_mm(gemm, x, None)
+            fastest = min(fastest, time.perf_counter() - started)
+        return fastest
+
+    n = len(prompts)
+    prefill = best({0: sum(map(len, prompts)), head.data_ptr(): n}, 3)
+    decode = best({0: n}, steps)
+    return n / (prefill + (new_tokens - 1) * decode)
 
 
-def vllm_concurrent(model: Path, prompts: list[list[int]], new_tokens: int, reps: int) -> float:
+def vllm_concurrent(model: Path, prompts: list[list[int]], new_tokens: int, reps: int, dtype: str) -> float:
     """Requests/s of our engine (`TextEngine`'s vLLM engine) with all prompts in flight at once."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -159,7 +171,7 @@ def vllm_concurrent(model: Path, prompts: list[list[int]], new_tokens: int, reps
     from tunedex.serving.engine import TextEngine
 
     async def run() -> float:
-        engine = TextEngine(str(model), new_tokens)
+        engine = TextEngine(str(model), new_tokens, {"dtype": dtype})
         params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0)
 
         async def one(ids: list[int], i: int) -> None:
@@ -198,12 +210,12 @@ def vllm_offline(model: Path, prompts: list[list[int]], new_tokens: int, reps: i
     return {"req_per_s": round(rate, 2), "mean_new_tokens": round(tokens, 1)}
 
 
-def phase_engine(model: Path, questions: list[str], new_tokens: int, reps: int) -> dict:
+def phase_engine(model: Path, questions: list[str], new_tokens: int, reps: int, dtype: str) -> dict:
     prompts = rendered_prompts(model, questions[:16])
-    hf = hf_batch(model, prompts, new_tokens, reps)
-    vllm = vllm_concurrent(model, prompts, new_tokens, reps)
-    floor = matmul_floor(model, len(prompts), new_tokens)
-    return {"prompts": len(prompts), "new_tokens": new_tokens, "hf_batch_req_per_s": round(hf, 2),
+    hf = hf_batch(model, prompts, new_tokens, reps, dtype)
+    vllm = vllm_concurrent(model, prompts, new_tokens, reps, dtype)
+    floor = matmul_floor(model, prompts, new_tokens, dtype)
+    return {"prompts": len(prompts), "new_tokens": new_tokens, "dtype": dtype, "hf_batch_req_per_s": round(hf, 2),
             "vllm_req_per_s": round(vllm, 2), "throughput_ratio": round(vllm / hf, 2),
             "matmul_floor_req_per_s": round(floor, 2), "floor_ratio": round(floor / hf, 2)}
 
@@ -326,6 +338,8 @@ def main() -> None:
     parser.add_argument("--phases", default="engine,endpoint,ttft,overhead,swap")
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens per answer (serve.max_new_tokens)")
     parser.add_argument("--reps", type=int, default=3, help="passes over the prompts per measured arm")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="both arms of the engine phase (tunedex serves float32 on CPU; bfloat16 wants AVX512-BF16)")
     args = parser.parse_args()
     phases = args.phases.split(",")
     shape = {**SHAPES[args.size], "architecture": args.arch}
@@ -340,7 +354,7 @@ def main() -> None:
         model = build_model(tmp / f"model-{args.size}", texts, shape)
         questions = [json.loads(line)["question"] for line in demo["qa"].read_text().splitlines()][:20]
         if "engine" in phases:  # in-process, before the stack starts
-            results["engine"] = phase_engine(model, questions, args.new_tokens, args.reps)
+            results["engine"] = phase_engine(model, questions, args.new_tokens, args.reps, args.dtype)
             print("engine", results["engine"], flush=True)
         if "endpoint" in phases:
             offline = vllm_offline(model, rendered_prompts(model, questions[:16]), args.new_tokens, args.reps)

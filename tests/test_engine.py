@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from conftest import run_cli
@@ -42,6 +43,9 @@ def test_engine_answers_truncates_batches_and_aborts_a_request_left_early(model_
         engine = TextEngine(str(model_dir), 1024, {"kv_cache_memory_bytes": 64 * 2**20})
         try:
             assert engine.context == 4096
+            # on CPU the model runs in the engine core's process: no worker process beside it (cpu_executor)
+            names = [proc.name() for proc in psutil.Process().children(recursive=True)]
+            assert "VLLM::EngineCore" in names and "VLLM::Worker" not in names, names
             question = [{"role": "user", "content": "How much does product 7 cost?"}]
             capped = await engine.generate(question, Sampling(max_new_tokens=5))
             assert 0 < capped.completion_tokens <= 5 and capped.prompt_tokens > 5
