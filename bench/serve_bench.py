@@ -40,13 +40,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"tiny": {"n_layer": 2, "n_embd": 128, "n_head": 4}, "small": {"n_layer": 12, "n_embd": 768, "n_head": 12}}
 
 
-def write_config(root: Path, new_tokens: int) -> Path:
+def write_config(root: Path, new_tokens: int, configured: dict) -> Path:
     raw = yaml.safe_load((REPO / "configs/local.yaml").read_text())
     raw["data_dir"] = str(root / "data")
     raw["milvus"]["uri"] = f"http://127.0.0.1:{free_port()}"
     raw["ray"].update(address=f"127.0.0.1:{free_port()}", dashboard_port=free_port(), client_server_port=free_port(),
                       metrics_export_port=free_port())
     raw["serve"].update(port=free_port(), max_new_tokens=new_tokens, deployments={"Generator": {"max_ongoing_requests": 32}})
+    raw["serve"]["engine_kwargs"] = configured
     raw["corpus"]["path"] = None
     path = root / "tunedex.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -189,7 +190,7 @@ def vllm_concurrent(model: Path, prompts: list[list[int]], new_tokens: int, reps
     return asyncio.run(run())
 
 
-def vllm_offline(model: Path, prompts: list[list[int]], new_tokens: int, reps: int) -> dict:
+def vllm_offline(model: Path, prompts: list[list[int]], new_tokens: int, reps: int, configured: dict) -> dict:
     """`vllm.LLM.generate` in-process on the prompts, greedy, stopping where the model stops (as the endpoint)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -197,7 +198,7 @@ def vllm_offline(model: Path, prompts: list[list[int]], new_tokens: int, reps: i
     from tunedex.serving.engine import engine_kwargs, use_every_core
 
     use_every_core()  # as TextEngine does on CPU: both arms compute on the same cores
-    llm = LLM(model=str(model), **engine_kwargs({}, on_gpu=False))
+    llm = LLM(model=str(model), **engine_kwargs(configured, on_gpu=False))
     params = SamplingParams(max_tokens=new_tokens, temperature=0)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(inputs, params, use_tqdm=False)  # warm-up
@@ -340,13 +341,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="passes over the prompts per measured arm")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="both arms of the engine phase (tunedex serves float32 on CPU; bfloat16 wants AVX512-BF16)")
+    parser.add_argument("--engine-kwargs", type=json.loads, default={},
+                        help='serve.engine_kwargs (JSON) for the endpoint and its in-process arm, e.g. \'{"max_num_seqs": 8}\'')
     args = parser.parse_args()
     phases = args.phases.split(",")
     shape = {**SHAPES[args.size], "architecture": args.arch}
     results: dict = {"size": args.size, "shape": shape}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        path = write_config(tmp, args.new_tokens)
+        path = write_config(tmp, args.new_tokens, args.engine_kwargs)
         cfg = load_config(path)
         os.environ.update(services.ray_env(cfg))  # before anything imports ray (vLLM does)
         demo = write_demo_data(tmp / "demo")
@@ -357,7 +360,8 @@ def main() -> None:
             results["engine"] = phase_engine(model, questions, args.new_tokens, args.reps, args.dtype)
             print("engine", results["engine"], flush=True)
         if "endpoint" in phases:
-            offline = vllm_offline(model, rendered_prompts(model, questions[:16]), args.new_tokens, args.reps)
+            offline = vllm_offline(model, rendered_prompts(model, questions[:16]), args.new_tokens, args.reps,
+                                   args.engine_kwargs)
         services.up(cfg)
         try:
             from tunedex.serving import control
