@@ -46,8 +46,12 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values 
 
 
 def engine_kwargs(configured: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
-    cpu = {} if on_gpu else {**CPU_DEFAULTS, **cpu_executor(configured)}
-    return {**ENGINE_DEFAULTS, **cpu, **configured}
+    """vLLM's engine arguments; on CPU it first gives the engine every core (`use_every_core`), which decides
+    where the model runs (`cpu_executor`)."""
+    if on_gpu:
+        return {**ENGINE_DEFAULTS, **configured}
+    use_every_core()
+    return {**ENGINE_DEFAULTS, **CPU_DEFAULTS, **cpu_executor(configured), **configured}
 
 
 def cpu_executor(configured: dict[str, Any]) -> dict[str, Any]:
@@ -127,10 +131,7 @@ class TextEngine:
 
         check_model_dir(Path(model_path))  # before anything reads it: safetensors only, no remote code
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            use_every_core()
-        args = engine_kwargs(configured or {}, on_gpu)
+        args = engine_kwargs(configured or {}, torch.cuda.is_available())
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_path, trust_remote_code=False, **args))
         self.context = self.engine.model_config.max_model_len
         self.max_new_tokens = max_new_tokens
