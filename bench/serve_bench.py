@@ -147,8 +147,8 @@ def matmul_floor(model: Path, prompts: list[list[int]], new_tokens: int, dtype: 
                for m in lm.modules() if isinstance(m, (torch.nn.Linear, Conv1D))}  # (out, in) as in vLLM; tied: once
     gemms = {ptr: (w.shape[1], ops.create_onednn_mm(w.t(), 32)) for ptr, w in weights.items()}
 
-    def best(rows_of: dict[int, int], tries: int) -> float:
-        calls = [(torch.randn(rows_of.get(ptr, rows_of[0]), k, dtype=head.dtype), gemm)
+    def best(rows: int, head_rows: int, tries: int) -> float:
+        calls = [(torch.randn(head_rows if ptr == head.data_ptr() else rows, k, dtype=head.dtype), gemm)
                  for ptr, (k, gemm) in gemms.items()]
         fastest = float("inf")
         for _ in range(tries):
@@ -159,8 +159,8 @@ def matmul_floor(model: Path, prompts: list[list[int]], new_tokens: int, dtype: 
         return fastest
 
     n = len(prompts)
-    prefill = best({0: sum(map(len, prompts)), head.data_ptr(): n}, 3)
-    decode = best({0: n}, steps)
+    prefill = best(sum(map(len, prompts)), n, 3)
+    decode = best(n, n, steps)
     return n / (prefill + (new_tokens - 1) * decode)
 
 
@@ -195,10 +195,9 @@ def vllm_offline(model: Path, prompts: list[list[int]], new_tokens: int, reps: i
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from tunedex.serving.engine import engine_kwargs, use_every_core
+    from tunedex.serving.engine import engine_kwargs
 
-    use_every_core()  # as TextEngine does on CPU: both arms compute on the same cores
-    llm = LLM(model=str(model), **engine_kwargs(configured, on_gpu=False))
+    llm = LLM(model=str(model), **engine_kwargs(configured, on_gpu=False))  # as TextEngine: the same cores
     params = SamplingParams(max_tokens=new_tokens, temperature=0)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(inputs, params, use_tqdm=False)  # warm-up
