@@ -54,13 +54,15 @@ def write_config(root: Path, new_tokens: int, configured: dict) -> Path:
     return path
 
 
-def build_model(out: Path, texts: list[str], shape: dict[str, int]) -> Path:
+def build_model(out: Path, texts: list[str], shape: dict[str, int], dtype: str = "float32") -> Path:
+    import torch
+
     from tunedex.infra.config import FinetuneConfig
     from tunedex.workers import base_model as bm
 
     tok = bm.train_tokenizer(texts, 2000)
     model = bm.build_model(bm.model_spec(FinetuneConfig(tiny=shape, max_length=512), tok))
-    model.save_pretrained(out, safe_serialization=True)
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
 
@@ -164,15 +166,16 @@ def matmul_floor(model: Path, prompts: list[list[int]], new_tokens: int, dtype: 
     return n / (prefill + (new_tokens - 1) * decode)
 
 
-def vllm_concurrent(model: Path, prompts: list[list[int]], new_tokens: int, reps: int, dtype: str) -> float:
-    """Requests/s of our engine (`TextEngine`'s vLLM engine) with all prompts in flight at once."""
+def vllm_concurrent(model: Path, prompts: list[list[int]], new_tokens: int, reps: int) -> tuple[float, str]:
+    """Requests/s of our engine (`TextEngine`'s vLLM engine, its defaults) with all prompts in flight at once,
+    and the dtype it computed in."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from tunedex.serving.engine import TextEngine
 
     async def run() -> float:
-        engine = TextEngine(str(model), new_tokens, {"dtype": dtype})
+        engine = TextEngine(str(model), new_tokens, {})
         params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0)
 
         async def one(ids: list[int], i: int) -> None:
@@ -185,7 +188,7 @@ def vllm_concurrent(model: Path, prompts: list[list[int]], new_tokens: int, reps
             await asyncio.gather(*(one(p, (rep + 1) * 1000 + i) for i, p in enumerate(prompts)))
         rate = len(prompts) * reps / (time.perf_counter() - started)
         engine.shutdown()
-        return rate
+        return rate, str(engine.engine.model_config.dtype).removeprefix("torch.")
 
     return asyncio.run(run())
 
@@ -197,7 +200,7 @@ def vllm_offline(model: Path, prompts: list[list[int]], new_tokens: int, reps: i
 
     from tunedex.serving.engine import engine_kwargs
 
-    llm = LLM(model=str(model), **engine_kwargs(configured, on_gpu=False))  # as TextEngine: the same cores
+    llm = LLM(model=str(model), **engine_kwargs(configured, on_gpu=False, model_dir=model))  # as TextEngine
     params = SamplingParams(max_tokens=new_tokens, temperature=0)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(inputs, params, use_tqdm=False)  # warm-up
@@ -213,19 +216,52 @@ def vllm_offline(model: Path, prompts: list[list[int]], new_tokens: int, reps: i
 def phase_engine(model: Path, questions: list[str], new_tokens: int, reps: int, dtype: str) -> dict:
     prompts = rendered_prompts(model, questions[:16])
     hf = hf_batch(model, prompts, new_tokens, reps, dtype)
-    vllm = vllm_concurrent(model, prompts, new_tokens, reps, dtype)
-    floor = matmul_floor(model, prompts, new_tokens, dtype)
-    return {"prompts": len(prompts), "new_tokens": new_tokens, "dtype": dtype, "hf_batch_req_per_s": round(hf, 2),
+    vllm, vllm_dtype = vllm_concurrent(model, prompts, new_tokens, reps)
+    floor = matmul_floor(model, prompts, new_tokens, vllm_dtype)  # in what vLLM computed
+    return {"prompts": len(prompts), "new_tokens": new_tokens, "stored_dtype": dtype, "vllm_dtype": vllm_dtype,
+            "hf_batch_req_per_s": round(hf, 2),
             "vllm_req_per_s": round(vllm, 2), "throughput_ratio": round(vllm / hf, 2),
             "matmul_floor_req_per_s": round(floor, 2), "floor_ratio": round(floor / hf, 2)}
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of every process on the machine, by what it is (Ray sets process
+    titles: `ray::ServeReplica:APP:DEPLOYMENT`, `VLLM::EngineCore`, `raylet`, ...)."""
+    import psutil
+
+    totals: dict[str, float] = {}
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        times, cmd = proc.info["cpu_times"], proc.info["cmdline"] or [proc.info["name"] or "?"]
+        if times is None:
+            continue
+        title = cmd[0].split(" ")[0] if cmd[0].startswith(("ray::", "VLLM::")) else Path(cmd[0]).name
+        if title.startswith("ray::ServeReplica:"):  # ray::ServeReplica:APP:DEPLOYMENT, APP a release id or hash
+            title = "ray::ServeReplica:" + title.rsplit(":", 1)[-1]
+        elif title.startswith("python") and len(cmd) > 1:
+            title = " ".join(Path(a).name for a in cmd[1:3])
+        totals[title] = totals.get(title, 0.0) + times.user + times.system
+    return totals
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Percent of one core each kind of process used between two `cpu_seconds` snapshots (200 = 2 cores)."""
+    used = {k: (after[k] - before.get(k, 0.0)) / seconds * 100 for k in after}
+    return {k: round(v, 1) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.5}
+
+
 def phase_endpoint(cfg, questions: list[str], offline: dict, reps: int) -> dict:
     """16 clients, generation only, ÷ the same prompts through `vllm.LLM.generate` in-process (measured before
-    the stack started, so both had the machine to themselves)."""
+    the stack started, so both had the machine to themselves). Also where the CPU went during the load, and
+    what the idle stack uses."""
     asyncio.run(closed_loop(cfg.serve.url, questions[:16], 16, 16, "finetuned"))  # warm-up
+    before, started = cpu_seconds(), time.perf_counter()
     ours = asyncio.run(closed_loop(cfg.serve.url, questions[:16], 16, 16 * reps, "finetuned"))
-    return {"endpoint": ours, "offline": offline, "ratio": round(ours["req_per_s"] / offline["req_per_s"], 2)}
+    loaded = cpu_share(before, cpu_seconds(), time.perf_counter() - started)
+    before, started = cpu_seconds(), time.perf_counter()
+    time.sleep(10)
+    idle = cpu_share(before, cpu_seconds(), time.perf_counter() - started)
+    return {"endpoint": ours, "offline": offline, "ratio": round(ours["req_per_s"] / offline["req_per_s"], 2),
+            "cpu_percent_loaded": loaded, "cpu_percent_idle": idle}
 
 
 async def first_tokens(url: str, questions: list[str], clients: int, total: int) -> list[float]:
@@ -339,7 +375,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens per answer (serve.max_new_tokens)")
     parser.add_argument("--reps", type=int, default=3, help="passes over the prompts per measured arm")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="both arms of the engine phase (tunedex serves float32 on CPU; bfloat16 wants AVX512-BF16)")
+                        help="the random model's stored dtype: HF loads it as stored (as it did), vLLM as tunedex "
+                             "serves it (bfloat16 on a CPU with AVX512-BF16, otherwise float32)")
     parser.add_argument("--engine-kwargs", type=json.loads, default={},
                         help='serve.engine_kwargs (JSON) for the endpoint and its in-process arm, e.g. \'{"max_num_seqs": 8}\'')
     args = parser.parse_args()
@@ -353,7 +390,7 @@ def main() -> None:
         os.environ.update(services.ray_env(cfg))  # before anything imports ray (vLLM does)
         demo = write_demo_data(tmp / "demo")
         texts = [p.read_text() for p in demo["day1"].rglob("*.md")]
-        model = build_model(tmp / f"model-{args.size}", texts, shape)
+        model = build_model(tmp / f"model-{args.size}", texts, shape, args.dtype)
         questions = [json.loads(line)["question"] for line in demo["qa"].read_text().splitlines()][:20]
         if "engine" in phases:  # in-process, before the stack starts
             results["engine"] = phase_engine(model, questions, args.new_tokens, args.reps, args.dtype)

@@ -4,6 +4,7 @@ the real endpoint, where a client that leaves mid-stream must abort its request 
 import asyncio
 import contextlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -83,6 +84,28 @@ def test_engine_answers_truncates_batches_and_aborts_a_request_left_early(model_
         check_engine_kwargs({"max_num_batched": 4})
     with pytest.raises(ValueError, match="promoted release"):
         check_engine_kwargs({"model": "x"})
+
+
+def test_a_bfloat16_checkpoint_computes_in_bfloat16_only_on_a_cpu_with_bfloat16_arithmetic(tmp_path, monkeypatch):
+    import torch
+
+    from tunedex.serving.engine import cpu_dtype, engine_kwargs, stored_dtype
+
+    assert cpu_dtype("bfloat16", native_bf16=True) == "bfloat16"
+    assert cpu_dtype("bfloat16", native_bf16=False) == "float32"  # emulated bfloat16 is slower than float32
+    assert cpu_dtype("float32", native_bf16=True) == "float32"  # never halved behind the user's back
+    assert cpu_dtype("float16", native_bf16=True) == "float32"
+    for config, stored in (({"dtype": "bfloat16"}, "bfloat16"), ({"torch_dtype": "bfloat16"}, "bfloat16"), ({}, "float32")):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert stored_dtype(tmp_path) == stored
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"):  # engine_kwargs sets them; restored after
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    here = "bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32"
+    assert engine_kwargs({}, on_gpu=False, model_dir=tmp_path)["dtype"] == here
+    assert engine_kwargs({"dtype": "float32"}, on_gpu=False, model_dir=tmp_path)["dtype"] == "float32"  # the config wins
+    assert "dtype" not in engine_kwargs({}, on_gpu=True, model_dir=tmp_path)  # on GPUs: vLLM's own choice
 
 
 def test_lora_adapters_are_served_on_one_base_engine_as_hf_merges_them(tmp_path):
