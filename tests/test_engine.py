@@ -4,7 +4,6 @@ the real endpoint, where a client that leaves mid-stream must abort its request 
 import asyncio
 import contextlib
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -99,9 +98,8 @@ def test_a_bfloat16_checkpoint_computes_in_bfloat16_only_on_a_cpu_with_bfloat16_
         (tmp_path / "config.json").write_text(json.dumps(config))
         assert stored_dtype(tmp_path) == stored
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
-    for name in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"):  # engine_kwargs sets them; restored after
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"):  # engine_kwargs sets them; put back after
+        monkeypatch.delenv(name, raising=False)
     here = "bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32"
     assert engine_kwargs({}, on_gpu=False, model_dir=tmp_path)["dtype"] == here
     assert engine_kwargs({"dtype": "float32"}, on_gpu=False, model_dir=tmp_path)["dtype"] == "float32"  # the config wins
