@@ -174,7 +174,7 @@ def vllm_concurrent(model: Path, prompts: list[list[int]], new_tokens: int, reps
 
     from tunedex.serving.engine import TextEngine
 
-    async def run() -> float:
+    async def run() -> tuple[float, str]:
         engine = TextEngine(str(model), new_tokens, {})
         params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0)
 
