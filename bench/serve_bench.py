@@ -224,12 +224,13 @@ def phase_engine(model: Path, questions: list[str], new_tokens: int, reps: int, 
             "matmul_floor_req_per_s": round(floor, 2), "floor_ratio": round(floor / hf, 2)}
 
 
-def cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) so far of every process on the machine, by what it is (Ray sets process
-    titles: `ray::ServeReplica:APP:DEPLOYMENT`, `VLLM::EngineCore`, `raylet`, ...)."""
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of every process on the machine, by pid, with what it is (Ray sets
+    process titles: `ray::ServeReplica:APP:DEPLOYMENT`, `VLLM::EngineCore`, `raylet`, ...; an actor's title also
+    names the method it runs, so titles change while it works)."""
     import psutil
 
-    totals: dict[str, float] = {}
+    found: dict[int, tuple[str, float]] = {}
     for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
         times, cmd = proc.info["cpu_times"], proc.info["cmdline"] or [proc.info["name"] or "?"]
         if times is None:
@@ -237,15 +238,20 @@ def cpu_seconds() -> dict[str, float]:
         title = cmd[0].split(" ")[0] if cmd[0].startswith(("ray::", "VLLM::")) else Path(cmd[0]).name
         if title.startswith("ray::ServeReplica:"):  # ray::ServeReplica:APP:DEPLOYMENT, APP a release id or hash
             title = "ray::ServeReplica:" + title.rsplit(":", 1)[-1]
+        elif title.startswith("ray::"):  # ray::ServeController.listen_for_change -> ray::ServeController
+            title = title.split(".")[0]
         elif title.startswith("python") and len(cmd) > 1:
             title = " ".join(Path(a).name for a in cmd[1:3])
-        totals[title] = totals.get(title, 0.0) + times.user + times.system
-    return totals
+        found[proc.pid] = (title, times.user + times.system)
+    return found
 
 
-def cpu_share(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
-    """Percent of one core each kind of process used between two `cpu_seconds` snapshots (200 = 2 cores)."""
-    used = {k: (after[k] - before.get(k, 0.0)) / seconds * 100 for k in after}
+def cpu_share(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
+    """Percent of one core each kind of process used between two `cpu_seconds` snapshots (200 = 2 cores); a
+    process is matched by pid, so one whose title changed in between is still counted from its snapshot."""
+    used: dict[str, float] = {}
+    for pid, (title, total) in after.items():
+        used[title] = used.get(title, 0.0) + (total - before.get(pid, (title, 0.0))[1]) / seconds * 100
     return {k: round(v, 1) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.5}
 
 
