@@ -107,6 +107,18 @@ def ray_env(cfg: TunedexConfig) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cfg.ray_token_path.resolve())}
 
 
+# Ray Serve settings of the local head, each overridable from the environment `tunedex up` runs in. On a small
+# machine the model's OpenMP threads share the cores with every Ray process, and CPU taken from them costs the model
+# about twice its share (a threads' barrier waits for the preempted one: a burner taking 17% of one core cut
+# `vllm.LLM` on 2 cores from 6.1 to 5.0 req/s). Ray Serve's defaults wake its controller every 100 ms and flush
+# each replica's metric cache every 100 ms, though Ray reports metrics every 10 s: the idle stack took 22% of a
+# core, 15-17% with these, and the endpoint's requests/s ÷ the in-process engine's went from a median 0.73
+# (0.67-0.78, 7 runs) to 0.81 (0.77-0.88, 5 runs) on a 2-core machine (bench/README.md). Costs: a deployment's state changes are seen up to 0.5 s later; Serve's logs go to its log
+# files only, not also to the replicas' stderr.
+LOCAL_SERVE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+                   "RAY_SERVE_LOG_TO_STDERR": "0"}
+
+
 def ensure_ray_token(cfg: TunedexConfig) -> Path:
     path = cfg.ray_token_path
     if not path.exists():
@@ -259,7 +271,7 @@ def start_ray(cfg: TunedexConfig, timeout: float = 90.0) -> ServiceStatus:
             # RAY_ADDRESS for everything this head starts: Ray's own address lookups inside workers (the state
             # API, Ray Train's controller) otherwise take the machine's most recently started cluster, another
             # stack's when two run on one machine, and a fine-tune then hung on the wrong cluster
-            env={**os.environ, **ray_env(cfg), "RAY_ADDRESS": f"{host}:{port}"}, timeout=timeout,
+            env={**LOCAL_SERVE_ENV, **os.environ, **ray_env(cfg), "RAY_ADDRESS": f"{host}:{port}"}, timeout=timeout,
         ).returncode
     if rc != 0:
         raise ServiceError(f"`ray start` failed with code {rc}; log {log_path}:\n{_log_tail(log_path)}")

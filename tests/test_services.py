@@ -43,27 +43,55 @@ def test_milvus_lite_server_starts_is_idempotent_and_death_is_reported(tmp_path,
         services.stop_milvus(cfg)
 
 
+def in_a_worker(path, cfg, expression: str) -> str:
+    """What `expression` evaluates to inside a Ray task on the cluster `path` configures, as its repr."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom tunedex.infra.config import load_config\n"
+             "from tunedex.infra.services import connect_ray\n"
+             "with connect_ray(load_config(sys.argv[1])) as ray:\n"
+             f"    probe = ray.remote(lambda: repr({expression}))\n"
+             "    print(ray.get(probe.remote()))")
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True,
+                         env={**os.environ, **services.ray_env(cfg)}, timeout=300)
+    return out.stdout.strip().splitlines()[-1]
+
+
 def test_a_second_cluster_on_the_machine_does_not_capture_the_first_ones_workers(stack, tmp_path):
     """Ray's own address lookups inside a worker (the state API, Ray Train's controller: `ray.init()` with no
     address) take the machine's latest cluster; every worker of a tunedex head carries its own RAY_ADDRESS, so
     with a second cluster started after it they still find their own."""
-    import subprocess
-    import sys
-
     from conftest import write_config
 
     path, cfg = stack
     other = load_config(write_config(tmp_path / "other.yaml", tmp_path / "data"))
     services.start_ray(other)
     try:
-        probe = ("import sys\nfrom tunedex.infra.config import load_config\n"
-                 "from tunedex.infra.services import connect_ray\n"
-                 "with connect_ray(load_config(sys.argv[1])) as ray:\n"
-                 "    lookup = ray.remote(lambda: __import__('ray')._private.services.get_ray_address_from_environment(None, None))\n"
-                 "    print(ray.get(lookup.remote()))")
-        out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True,
-                             env={**os.environ, **services.ray_env(cfg)}, timeout=300)
-        found = out.stdout.strip().splitlines()[-1]
-        assert found.rsplit(":", 1)[-1] == str(cfg.ray.port), (found, cfg.ray.address, other.ray.address)
+        found = in_a_worker(path, cfg, "__import__('ray')._private.services.get_ray_address_from_environment(None, None)")
+        assert found.strip("'").rsplit(":", 1)[-1] == str(cfg.ray.port), (found, cfg.ray.address, other.ray.address)
+    finally:
+        services.stop_ray(other)
+
+
+def test_the_local_head_quiets_serve_and_the_environment_wins(stack, tmp_path, monkeypatch):
+    """Serve's controller loop and metric flushes run at `LOCAL_SERVE_ENV`'s pace on a head `tunedex up`
+    starts (as Serve itself reads them in a worker), and a value set in the environment it starts from wins."""
+    from conftest import write_config
+
+    read = "(lambda c: (c.CONTROL_LOOP_INTERVAL_S, c.RAY_SERVE_METRICS_EXPORT_INTERVAL_MS, c.RAY_SERVE_LOG_TO_STDERR))" \
+           "(__import__('ray.serve._private.constants', fromlist=['_']))"
+    path, cfg = stack
+    env = {k: os.environ.get(k, v) for k, v in services.LOCAL_SERVE_ENV.items()}  # what CI's environment leaves
+    expected = (float(env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"]), int(env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]),
+                env["RAY_SERVE_LOG_TO_STDERR"] == "1")
+    assert in_a_worker(path, cfg, read) == repr(expected)
+
+    other_path = write_config(tmp_path / "other.yaml", tmp_path / "data")
+    other = load_config(other_path)
+    monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
+    services.start_ray(other)
+    try:
+        assert in_a_worker(other_path, other, read) == repr((0.1, *expected[1:]))
     finally:
         services.stop_ray(other)
