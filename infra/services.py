@@ -108,14 +108,15 @@ def ray_env(cfg: TunedexConfig) -> dict[str, str]:
 
 
 # Ray Serve settings of the local head, each overridable from the environment `tunedex up` runs in. On a small
-# machine the model's OpenMP threads share the cores with every Ray process, and CPU taken from them costs the model
-# about twice its share (a threads' barrier waits for the preempted one: a burner taking 17% of one core cut
-# `vllm.LLM` on 2 cores from 6.1 to 5.0 req/s). Ray Serve's defaults wake its controller every 100 ms and flush
-# each replica's metric cache every 100 ms, though Ray reports metrics every 10 s: the idle stack took 22% of a
-# core, 15-17% with these, and the endpoint's requests/s ÷ the in-process engine's went from a median 0.73
-# (0.67-0.78, 7 runs) to 0.81 (0.77-0.88, 5 runs) on a 2-core machine (bench/README.md). Costs: a deployment's state changes are seen up to 0.5 s later; Serve's logs go to its log
-# files only, not also to the replicas' stderr.
-LOCAL_SERVE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+# machine the model's OpenMP threads share the cores with every Ray process, and CPU taken from them costs the
+# model about twice its share (a thread's barrier waits for the preempted one: a burner taking 17% of one core cut
+# `vllm.LLM` on 2 cores from 6.1 to 5.0 req/s). Serve's defaults run its controller loop every 100 ms and flush
+# each replica's metric cache every 100 ms, though Ray exports metrics every 10 s: the idle stack took 21-24% of
+# a core. Measured on 2 cores with the loop at 0.5 s: 15-17%, and the endpoint's requests/s ÷ the in-process
+# engine's went from a median 0.73 (0.67-0.78, 7 runs) to 0.81 (0.77-0.88, 5 runs); but 0.5 s added ~4.5 s to
+# `tunedex serve`'s start and 1-2 s to a swap, 0.25 s adds nothing measurable (bench/README.md). Serve's logs
+# go to its log files under Ray's session logs only, not also to the replicas' stderr.
+LOCAL_SERVE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.25", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
                    "RAY_SERVE_LOG_TO_STDERR": "0"}
 
 

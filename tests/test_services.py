@@ -58,40 +58,40 @@ def in_a_worker(path, cfg, expression: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_a_second_cluster_on_the_machine_does_not_capture_the_first_ones_workers(stack, tmp_path):
+SERVE_SETTINGS = ("(lambda c: (c.CONTROL_LOOP_INTERVAL_S, c.RAY_SERVE_METRICS_EXPORT_INTERVAL_MS, "
+                  "c.RAY_SERVE_LOG_TO_STDERR))(__import__('ray.serve._private.constants', fromlist=['_']))")
+
+
+def local_serve_settings() -> tuple:
+    """What Serve should parse on a head `tunedex up` starts from this environment: `LOCAL_SERVE_ENV`, where
+    the environment does not set a value itself."""
+    env = {k: os.environ.get(k, v) for k, v in services.LOCAL_SERVE_ENV.items()}
+    return (float(env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"]), int(env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]),
+            env["RAY_SERVE_LOG_TO_STDERR"] == "1")
+
+
+def test_the_local_head_runs_serve_quieter_than_its_defaults(stack):
+    """Serve's controller loop and metric flushes run at `LOCAL_SERVE_ENV`'s pace on the head `tunedex up`
+    started, as Serve itself reads them inside a worker (Serve's own defaults: (0.1, 100, True))."""
+    path, cfg = stack
+    assert in_a_worker(path, cfg, SERVE_SETTINGS) == repr(local_serve_settings())
+
+
+def test_a_second_cluster_keeps_to_its_own_workers_and_its_environment_wins(stack, tmp_path, monkeypatch):
     """Ray's own address lookups inside a worker (the state API, Ray Train's controller: `ray.init()` with no
     address) take the machine's latest cluster; every worker of a tunedex head carries its own RAY_ADDRESS, so
-    with a second cluster started after it they still find their own."""
+    with a second cluster started after it they still find their own. A Serve setting in the environment of
+    the second head's start wins over `LOCAL_SERVE_ENV`."""
     from conftest import write_config
 
     path, cfg = stack
-    other = load_config(write_config(tmp_path / "other.yaml", tmp_path / "data"))
-    services.start_ray(other)
-    try:
-        found = in_a_worker(path, cfg, "__import__('ray')._private.services.get_ray_address_from_environment(None, None)")
-        assert found.strip("'").rsplit(":", 1)[-1] == str(cfg.ray.port), (found, cfg.ray.address, other.ray.address)
-    finally:
-        services.stop_ray(other)
-
-
-def test_the_local_head_quiets_serve_and_the_environment_wins(stack, tmp_path, monkeypatch):
-    """Serve's controller loop and metric flushes run at `LOCAL_SERVE_ENV`'s pace on a head `tunedex up`
-    starts (as Serve itself reads them in a worker), and a value set in the environment it starts from wins."""
-    from conftest import write_config
-
-    read = "(lambda c: (c.CONTROL_LOOP_INTERVAL_S, c.RAY_SERVE_METRICS_EXPORT_INTERVAL_MS, c.RAY_SERVE_LOG_TO_STDERR))" \
-           "(__import__('ray.serve._private.constants', fromlist=['_']))"
-    path, cfg = stack
-    env = {k: os.environ.get(k, v) for k, v in services.LOCAL_SERVE_ENV.items()}  # what CI's environment leaves
-    expected = (float(env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"]), int(env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]),
-                env["RAY_SERVE_LOG_TO_STDERR"] == "1")
-    assert in_a_worker(path, cfg, read) == repr(expected)
-
     other_path = write_config(tmp_path / "other.yaml", tmp_path / "data")
     other = load_config(other_path)
     monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
     services.start_ray(other)
     try:
-        assert in_a_worker(other_path, other, read) == repr((0.1, *expected[1:]))
+        found = in_a_worker(path, cfg, "__import__('ray')._private.services.get_ray_address_from_environment(None, None)")
+        assert found.strip("'").rsplit(":", 1)[-1] == str(cfg.ray.port), (found, cfg.ray.address, other.ray.address)
+        assert in_a_worker(other_path, other, SERVE_SETTINGS) == repr((0.1, *local_serve_settings()[1:]))
     finally:
         services.stop_ray(other)
