@@ -114,8 +114,9 @@ def ray_env(cfg: TunedexConfig) -> dict[str, str]:
 # each replica's metric cache every 100 ms, though Ray exports metrics every 10 s: the idle stack took 21-24% of
 # a core. Measured on 2 cores with the loop at 0.5 s: 15-17%, and the endpoint's requests/s ÷ the in-process
 # engine's went from a median 0.73 (0.67-0.78, 7 runs) to 0.81 (0.77-0.88, 5 runs); but 0.5 s added ~4.5 s to
-# `tunedex serve`'s start and 1-2 s to a swap, 0.25 s adds nothing measurable (bench/README.md). Serve's logs
-# go to its log files under Ray's session logs only, not also to the replicas' stderr.
+# `tunedex serve`'s start and 1-2 s to a swap. At 0.25 s deploys are as fast as at 0.1 s and Serve takes 35
+# instead of 42 ms of CPU per request, but the ratio gain is not shown (0.77, 0.73; the paired defaults 0.73;
+# bench/README.md). Serve's logs go to its log files under Ray's session logs only, not also to stderr.
 LOCAL_SERVE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.25", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
                    "RAY_SERVE_LOG_TO_STDERR": "0"}
 
